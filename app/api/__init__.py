@@ -1,0 +1,1 @@
+"""Thin FastAPI routes, their schemas, and RFC 9457 problem details."""

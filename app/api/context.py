@@ -1,0 +1,33 @@
+"""What every route needs, wired once in create_app and reached through one dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.api.auth import Tokens
+from app.settings import Settings
+from app.store.listen import SagaWaiters
+from app.store.registry import Registry
+from app.store.sagas import SagaStore
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    engine: AsyncEngine
+    registry: Registry
+    sagas: SagaStore
+    waiters: SagaWaiters
+    tokens: Tokens
+
+
+def get_ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[AppContext, Depends(get_ctx)]

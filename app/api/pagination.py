@@ -1,0 +1,40 @@
+"""Opaque list cursors and the shared `limit`/`cursor` query parameters."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Annotated, Any
+
+from fastapi import Query
+
+from app.api.problems import Problem
+
+Limit = Annotated[int, Query(ge=1, le=500, description="Page size, 1-500.")]
+Cursor = Annotated[
+    str | None,
+    Query(max_length=512, description="`next_cursor` from the previous page."),
+]
+
+
+def encode_cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> Any:
+    if cursor is None:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (ValueError, UnicodeDecodeError):
+        raise bad_cursor() from None
+
+
+def bad_cursor() -> Problem:
+    return Problem(
+        400,
+        "cursor is not valid: pass next_cursor from a previous page unchanged",
+        slug="bad-cursor",
+        errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor", "type": "value_error"}],
+    )

@@ -1,0 +1,156 @@
+"""RFC 9457 problem details for every error the API returns."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+
+
+class Problem(Exception):
+    """Raise from a route to answer with a problem document."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        slug: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.slug = slug
+        self.errors = errors or []
+        self.headers = headers or {}
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    slug: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    title = _TITLES.get(status, "Error")
+    body = {
+        "type": f"urn:saga-orchestrator:problem:{slug or title.lower().replace(' ', '-')}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "errors": errors or [],
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def pydantic_errors(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic's errors without the offending input (it may be huge or secret)."""
+    out = []
+    for err in errors:
+        msg = str(err.get("msg", "invalid value"))
+        ctx_error = err.get("ctx", {}).get("error") if isinstance(err.get("ctx"), dict) else None
+        if ctx_error is not None and msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        out.append(
+            {
+                "loc": [p for p in err.get("loc", ()) if isinstance(p, str | int)],
+                "msg": msg,
+                "type": str(err.get("type", "value_error")),
+            }
+        )
+    return out
+
+
+def install(app: FastAPI) -> None:
+    """Register handlers so that no error leaves the API as anything but problem+json."""
+
+    @app.exception_handler(Problem)
+    async def _problem(_: Request, exc: Problem) -> JSONResponse:
+        return problem_response(
+            exc.status, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = pydantic_errors(exc.errors())
+        if any(e["type"] == "json_invalid" for e in errors):
+            return problem_response(
+                400, "the request body is not valid JSON", slug="malformed-json", errors=errors
+            )
+        return problem_response(
+            422, "the request has invalid fields: see errors", slug="validation", errors=errors
+        )
+
+    @app.exception_handler(ValidationError)
+    async def _model_validation(_: Request, exc: ValidationError) -> JSONResponse:
+        return problem_response(
+            422,
+            "the request has invalid fields: see errors",
+            slug="validation",
+            errors=pydantic_errors(exc.errors()),
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "")
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = "no such endpoint"
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "the request body could not be parsed as JSON (malformed or nested too deep)"
+        return problem_response(exc.status_code, detail, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _db_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable", extra={"error": str(exc)[:300]})
+        return problem_response(
+            503,
+            "the database is unavailable; retry shortly",
+            slug="database-unavailable",
+            headers={"Retry-After": "2"},
+        )
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            return problem_response(
+                503,
+                "the database connection was lost; retry shortly",
+                slug="database-unavailable",
+                headers={"Retry-After": "2"},
+            )
+        log.exception("database error")
+        return problem_response(500, "internal error; see the server log with the request id")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return problem_response(500, "internal error; see the server log with the request id")

@@ -1,0 +1,208 @@
+"""Sagas: start (idempotently), read with long-poll, list, history, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+
+from app.api.auth import require_api
+from app.api.context import Ctx
+from app.api.middleware import request_id_var
+from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
+from app.api.problems import Problem
+from app.api.registry_routes import PROBLEMS
+from app.api.schemas import EventOut, Page, SagaOut, SagaStart
+from app.domain.definition import NAME_PATTERN
+from app.domain.planner import SagaState, StepState, pivot_passed
+from app.domain.states import SagaStatus
+from app.store.sagas import CancelResult, NewSaga, StartResult
+
+router = APIRouter(prefix="/v1/sagas", dependencies=[Depends(require_api)])
+_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+MAX_WAIT_SECONDS = 30
+
+
+def fingerprint(body: SagaStart) -> str:
+    """What an idempotency key is bound to: definition, requested version and input."""
+    canonical = json.dumps(
+        {"definition": body.definition, "version": body.version, "input": body.input},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _saga_or_404(ctx: Ctx, saga_id: uuid.UUID) -> SagaOut:
+    view = await ctx.sagas.get(saga_id)
+    if view is None:
+        raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
+    return SagaOut.of(view)
+
+
+@router.post(
+    "",
+    response_model=SagaOut,
+    status_code=201,
+    summary="Start a saga",
+    responses={200: {"model": SagaOut, "description": "Replay of an idempotency key"}, **PROBLEMS},
+)
+async def start_saga(
+    body: SagaStart,
+    ctx: Ctx,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    traceparent: Annotated[str | None, Header()] = None,
+) -> SagaOut:
+    if idempotency_key is not None and not _KEY.match(idempotency_key):
+        raise Problem(
+            422,
+            "Idempotency-Key must be 1-255 printable ASCII characters",
+            slug="bad-key",
+            errors=[
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "1-255 printable characters",
+                    "type": "value_error",
+                }
+            ],
+        )
+    definition = await ctx.registry.get_definition(body.definition, body.version)
+    if definition is None:
+        what = f"version {body.version} of " if body.version else ""
+        raise Problem(
+            422,
+            f"there is no {what}definition '{body.definition}'",
+            slug="unknown-definition",
+            errors=[
+                {"loc": ["body", "definition"], "msg": "unknown definition", "type": "value_error"}
+            ],
+        )
+    result, saga_id = await ctx.sagas.start(
+        NewSaga(
+            definition=definition,
+            input=body.input,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint(body) if idempotency_key is not None else None,
+            key_ttl_seconds=ctx.settings.idempotency_ttl_hours * 3600,
+            request_id=request_id_var.get(),
+            traceparent=traceparent if traceparent and _TRACEPARENT.match(traceparent) else None,
+        )
+    )
+    if result is StartResult.MISMATCH:
+        raise Problem(
+            422,
+            "this Idempotency-Key was used with a different definition or input",
+            slug="idempotency-key-reused",
+        )
+    response.headers["Location"] = f"/v1/sagas/{saga_id}"
+    if result is StartResult.REPLAYED:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return await _saga_or_404(ctx, saga_id)
+
+
+@router.get("", response_model=Page, summary="List sagas, newest first", responses=PROBLEMS)
+async def list_sagas(
+    ctx: Ctx,
+    status: SagaStatus | None = None,
+    definition: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Page:
+    before = None
+    raw = decode_cursor(cursor)
+    if raw is not None:
+        try:
+            before = (datetime.fromisoformat(raw[0]), uuid.UUID(raw[1]))
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise bad_cursor() from None
+    views = await ctx.sagas.list_page(limit, status, definition, before)
+    next_cursor = None
+    if len(views) == limit:
+        last = views[-1]
+        next_cursor = encode_cursor([last.created_at.isoformat(), str(last.id)])
+    return Page(items=[SagaOut.of(v) for v in views], next_cursor=next_cursor)
+
+
+@router.get("/{saga_id}", response_model=SagaOut, summary="One saga", responses=PROBLEMS)
+async def get_saga(
+    saga_id: uuid.UUID,
+    ctx: Ctx,
+    wait_seconds: Annotated[
+        float, Query(ge=0, le=MAX_WAIT_SECONDS, description="Long-poll until terminal")
+    ] = 0,
+) -> SagaOut:
+    if wait_seconds <= 0:
+        return await _saga_or_404(ctx, saga_id)
+    # Register before reading so that a notification between the two is not missed.
+    event = ctx.waiters.register(str(saga_id))
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while True:
+            saga = await _saga_or_404(ctx, saga_id)
+            remaining = deadline - loop.time()
+            if saga.status.terminal or remaining <= 0:
+                return saga
+            event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=remaining)
+    finally:
+        ctx.waiters.unregister(str(saga_id), event)
+
+
+@router.get(
+    "/{saga_id}/events", response_model=Page, summary="Append-only history", responses=PROBLEMS
+)
+async def saga_events(
+    saga_id: uuid.UUID, ctx: Ctx, limit: Limit = 500, cursor: Cursor = None
+) -> Page:
+    after = decode_cursor(cursor)
+    if after is not None and not isinstance(after, int):
+        raise bad_cursor()
+    if await ctx.sagas.status(saga_id) is None:
+        raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
+    rows = await ctx.sagas.events(saga_id, limit, after)
+    next_cursor = encode_cursor(rows[-1]["id"]) if len(rows) == limit else None
+    return Page(
+        items=[EventOut.model_validate(r) for r in rows],
+        next_cursor=next_cursor,
+    )
+
+
+@router.post(
+    "/{saga_id}/cancel",
+    response_model=SagaOut,
+    status_code=202,
+    summary="Stop forward progress and compensate",
+    responses={409: {"description": "Already terminal, or past its pivot"}, **PROBLEMS},
+)
+async def cancel_saga(saga_id: uuid.UUID, ctx: Ctx) -> SagaOut:
+    view = await ctx.sagas.get(saga_id)
+    if view is None:
+        raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
+    if view.status.terminal:
+        raise Problem(409, f"saga is already {view.status.value}", slug="saga-terminal")
+    definition = await ctx.registry.get_definition(view.definition, view.definition_version)
+    if definition is not None and view.status is SagaStatus.RUNNING:
+        state = SagaState(view.status, [StepState(s.name, s.status) for s in view.steps])
+        if pivot_passed(definition.spec, state):
+            raise Problem(
+                409, "saga is past its pivot step and can only go forward", slug="past-pivot"
+            )
+    result = await ctx.sagas.request_cancel(saga_id)
+    if result is CancelResult.TERMINAL:
+        raise Problem(409, "saga is already terminal", slug="saga-terminal")
+    if result is CancelResult.NOT_FOUND:
+        raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
+    return await _saga_or_404(ctx, saga_id)

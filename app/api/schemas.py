@@ -1,0 +1,149 @@
+"""Response documents of the API (request documents live in app.domain.definition)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field
+
+from app.domain.definition import CircuitBreakerConfig, Document, Name, StepSpec
+from app.domain.states import CircuitState, SagaStatus, StepStatus
+from app.store.registry import DefinitionRecord, ServiceRecord
+from app.store.sagas import SagaView
+
+REDACTED = "[redacted]"
+
+
+class Page(BaseModel):
+    items: list[Any]
+    next_cursor: str | None
+
+
+class ServiceOut(BaseModel):
+    name: str
+    base_url: str
+    timeout_seconds: float
+    max_concurrency: int
+    circuit_breaker: CircuitBreakerConfig
+    headers: dict[str, str] = Field(description="Header names; values are never echoed back.")
+    circuit_state: CircuitState
+    consecutive_failures: int
+    opened_at: datetime | None
+    in_flight: int
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, record: ServiceRecord) -> ServiceOut:
+        spec = record.spec
+        return cls(
+            name=record.name,
+            base_url=spec.base_url,
+            timeout_seconds=spec.timeout_seconds,
+            max_concurrency=spec.max_concurrency,
+            circuit_breaker=spec.circuit_breaker,
+            headers={k: REDACTED for k in spec.headers},
+            circuit_state=record.circuit_state,
+            consecutive_failures=record.consecutive_failures,
+            opened_at=record.opened_at,
+            in_flight=record.in_flight,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+        )
+
+
+class DefinitionOut(BaseModel):
+    name: str
+    version: int
+    content_hash: str
+    description: str
+    timeout_seconds: float | None
+    steps: list[StepSpec]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, record: DefinitionRecord) -> DefinitionOut:
+        return cls(
+            name=record.name,
+            version=record.version,
+            content_hash=record.content_hash,
+            description=record.spec.description,
+            timeout_seconds=record.spec.timeout_seconds,
+            steps=record.spec.steps,
+            created_at=record.created_at,
+        )
+
+
+class SagaStart(Document):
+    """`POST /v1/sagas` body."""
+
+    definition: Name
+    version: Annotated[int, Field(ge=1, le=2_000_000_000)] | None = None
+    input: Any = Field(default_factory=dict)
+
+
+class StepOut(BaseModel):
+    name: str
+    status: StepStatus
+    attempts: int
+    compensation_attempts: int
+    status_code: int | None
+    response: Any
+    last_error: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class SagaOut(BaseModel):
+    id: uuid.UUID
+    definition: str
+    definition_version: int
+    status: SagaStatus
+    input: Any
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    deadline_at: datetime | None
+    cancel_requested: bool
+    error: dict[str, Any] | None
+    steps: list[StepOut]
+
+    @classmethod
+    def of(cls, view: SagaView) -> SagaOut:
+        return cls(
+            id=view.id,
+            definition=view.definition,
+            definition_version=view.definition_version,
+            status=view.status,
+            input=view.input,
+            idempotency_key=view.idempotency_key,
+            created_at=view.created_at,
+            updated_at=view.updated_at,
+            finished_at=view.finished_at,
+            deadline_at=view.deadline_at,
+            cancel_requested=view.cancel_requested,
+            error=view.error,
+            steps=[StepOut(**vars_of(s)) for s in view.steps],
+        )
+
+
+class EventOut(BaseModel):
+    id: int
+    at: datetime
+    type: str
+    step: str | None
+    direction: str | None
+    attempt: int | None
+    outcome: str | None
+    status_code: int | None
+    error_kind: str | None
+    message: str | None
+    duration_ms: float | None
+    worker: str | None
+
+
+def vars_of(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__slots__}

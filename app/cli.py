@@ -1,0 +1,98 @@
+"""The `saga-orchestrator` command: serve, api, worker, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from app import logs
+from app.settings import Settings
+from app.store.db import Database, make_engine, open_database
+from app.store.migrate import upgrade
+
+log = logging.getLogger("app.cli")
+
+HELP = {
+    "serve": "Apply pending migrations, then run the HTTP API and the step executor in one "
+    "process. The usual way to run a single node.",
+    "api": "Run only the HTTP API (no sagas are executed by this process). Scale it apart "
+    "from the workers; any number may share one database.",
+    "worker": "Run only the step executor: claim due sagas and call participants. Any number "
+    "of workers may share one database; SIGTERM stops claiming and lets in-flight calls "
+    "finish within SAGA_SHUTDOWN_GRACE seconds.",
+    "migrate": "Apply pending database migrations and exit.",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saga-orchestrator",
+        description="Saga orchestration on PostgreSQL. Configuration comes from the "
+        "environment (DATABASE_URL, SAGA_*); with no DATABASE_URL an embedded PostgreSQL "
+        "is started in SAGA_DATA_DIR.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in ("serve", "api"):
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+        p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    for name in ("worker", "migrate"):
+        sub.add_parser(name, help=HELP[name], description=HELP[name])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    logs.configure(settings.log_format, settings.log_level)
+    database = open_database(settings)
+    try:
+        if args.command == "migrate":
+            upgrade(database.url)
+            log.info("migrations applied")
+        elif args.command in ("serve", "api"):
+            if args.command == "serve" or database.embedded is not None:
+                upgrade(database.url)
+            _serve(settings, database, args.host, args.port, args.command == "serve")
+        elif args.command == "worker":
+            asyncio.run(run_worker(settings, database.url))
+    finally:
+        database.close()
+
+
+def _serve(settings: Settings, database: Database, host: str, port: int, executor: bool) -> None:
+    import uvicorn
+
+    from app.main import create_app
+
+    app = create_app(settings, database.url, run_executor=executor)
+    log.info("listening", extra={"url": f"http://{host}:{port}", "executor": executor})
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+    )
+
+
+async def run_worker(settings: Settings, url: str) -> None:
+    """Run the executor until SIGTERM or SIGINT, then drain gracefully."""
+    from app.engine.executor import Executor
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    engine = make_engine(url, settings.db_pool_size)
+    try:
+        await Executor(engine, settings, url).run(stop)
+    finally:
+        await engine.dispose()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

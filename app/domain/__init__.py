@@ -1,0 +1,1 @@
+"""Pure domain: definitions, states, templates and the planner. No I/O here."""

@@ -1,0 +1,317 @@
+"""The definition and service documents: shape, defaults and cross-field rules.
+
+Pydantic checks the shape of each document; `check_definition` adds the rules that
+need the whole document or the registry (template references, known services,
+allowed hosts, one pivot). Both are pure, so every rule is unit-testable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.domain.templates import TemplateError, iter_refs
+
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+MAX_JSON_DEPTH = 64
+DEFAULT_RETRY_ON_STATUS = (408, 425, 429, 500, 502, 503, 504)
+DEFAULT_STEP_TIMEOUT = 10.0
+# Headers the orchestrator owns; a definition or service may not override them.
+RESERVED_HEADERS = frozenset(
+    {
+        "idempotency-key",
+        "x-saga-id",
+        "x-saga-step",
+        "x-saga-attempt",
+        "x-saga-deadline",
+        "x-request-id",
+        "content-type",
+        "content-length",
+        "host",
+        "traceparent",
+    }
+)
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["checkout"])]
+
+
+def check_json(value: Any, where: str = "body", depth: int = 0) -> None:
+    """Reject what PostgreSQL's jsonb cannot store or what no sane document needs."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{where} contains a NUL character (\\u0000), which is not allowed")
+    elif isinstance(value, list):
+        for item in value:
+            check_json(item, where, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_json(key, where, depth + 1)
+            check_json(item, where, depth + 1)
+    elif isinstance(value, float) and value != value:  # NaN
+        raise ValueError(f"{where} contains NaN, which is not JSON")
+
+
+class Document(BaseModel):
+    """Base of every request document: unknown fields and NUL characters are refused."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        check_json(data, "the document")
+        return data
+
+
+def _check_headers(headers: dict[str, str]) -> dict[str, str]:
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"header {name!r} is set by the orchestrator and cannot be configured")
+        if any(ord(c) < 0x20 and c != "\t" for c in value) or "\x7f" in value:
+            raise ValueError(f"header {name!r} has control characters in its value")
+    return headers
+
+
+class CircuitBreakerConfig(Document):
+    failure_threshold: int = Field(default=5, ge=1, le=1000)
+    recovery_timeout_seconds: float = Field(default=30.0, gt=0, le=86400)
+    half_open_max_calls: int = Field(default=1, ge=1, le=1000)
+
+
+class ServiceSpec(Document):
+    """`PUT /v1/services/{name}` body."""
+
+    base_url: str = Field(max_length=2048, examples=["http://127.0.0.1:9001"])
+    timeout_seconds: float = Field(default=DEFAULT_STEP_TIMEOUT, gt=0, le=600)
+    max_concurrency: int = Field(default=20, ge=1, le=10000)
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    headers: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        check_http_url(value, "base_url")
+        return value.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_headers(value)
+
+
+def check_http_url(value: str, field: str) -> None:
+    """Only absolute http(s) URLs with a host; no credentials in the URL."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{field} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{field} must use http or https, not {parts.scheme or 'no scheme'!r}")
+    if not parts.hostname:
+        raise ValueError(f"{field} must include a host")
+    if parts.username or parts.password:
+        raise ValueError(f"{field} must not carry credentials; use service headers")
+    del port
+
+
+def host_allowed(url: str, patterns: list[str]) -> bool:
+    """SSRF guard: is the URL's host (or host:port) matched by an allowed pattern?"""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    for pattern in patterns:
+        if pattern == "*":
+            return True
+        if ":" in pattern and not pattern.startswith("["):
+            pat_host, _, pat_port = pattern.rpartition(":")
+            if fnmatchcase(host, pat_host) and (pat_port == "*" or pat_port == str(port)):
+                return True
+        elif fnmatchcase(host, pattern):
+            return True
+    return False
+
+
+class RetryPolicy(Document):
+    max_attempts: int = Field(default=3, ge=1, le=1000)
+    initial_interval_seconds: float = Field(default=1.0, gt=0, le=86400)
+    backoff_coefficient: float = Field(default=2.0, ge=1.0, le=100)
+    max_interval_seconds: float = Field(default=60.0, gt=0, le=86400)
+    jitter: bool = True
+    retry_on_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_ON_STATUS), max_length=100
+    )
+
+    @model_validator(mode="after")
+    def _interval_order(self) -> RetryPolicy:
+        if self.max_interval_seconds < self.initial_interval_seconds:
+            raise ValueError("max_interval_seconds must be >= initial_interval_seconds")
+        if any(200 <= s < 300 for s in self.retry_on_status):
+            raise ValueError("retry_on_status cannot contain a 2xx status")
+        return self
+
+
+def _default_compensation_retry() -> RetryPolicy:
+    return RetryPolicy(max_attempts=10)
+
+
+HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+class CallSpec(Document):
+    """One HTTP call: `service` + `path`, or an absolute `url`."""
+
+    service: Name | None = None
+    path: str | None = Field(default=None, max_length=2048)
+    url: str | None = Field(default=None, max_length=2048)
+    method: HttpMethod = "POST"
+    headers: dict[str, str] = Field(default_factory=dict, max_length=64)
+    body: Any = None
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_headers(value)
+
+    @model_validator(mode="after")
+    def _target(self) -> CallSpec:
+        if self.url is not None:
+            if self.service is not None or self.path is not None:
+                raise ValueError("give either url, or service and path, not both")
+            check_http_url(self.url, "url")
+        else:
+            if self.service is None or self.path is None:
+                raise ValueError("a call needs service and path, or an absolute url")
+            if not self.path.startswith("/"):
+                raise ValueError("path must start with '/'")
+        return self
+
+
+class FallbackSpec(Document):
+    response: Any = None
+
+
+class StepSpec(Document):
+    name: Name
+    action: CallSpec
+    compensation: CallSpec | None = None
+    timeout_seconds: float | None = Field(default=None, gt=0, le=600)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    compensation_retry: RetryPolicy = Field(default_factory=_default_compensation_retry)
+    critical: bool = True
+    fallback: FallbackSpec | None = None
+    pivot: bool = False
+
+
+class DefinitionSpec(Document):
+    """`POST /v1/definitions` body."""
+
+    name: Name
+    description: str = Field(default="", max_length=4096)
+    timeout_seconds: float | None = Field(default=None, gt=0, le=31 * 86400)
+    steps: list[StepSpec] = Field(min_length=1, max_length=200)
+
+    def content_hash(self) -> str:
+        """Hash of the normalised document (defaults filled in), for idempotent registration."""
+        canonical = json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RuleViolation:
+    """One broken cross-field rule, located like pydantic's errors."""
+
+    loc: tuple[str | int, ...]
+    msg: str
+
+
+def check_definition(
+    spec: DefinitionSpec, known_services: set[str], host_patterns: list[str]
+) -> list[RuleViolation]:
+    """Every rule that spans fields or needs the registry; empty when the definition is sound."""
+    problems: list[RuleViolation] = []
+    seen: dict[str, int] = {}
+    for index, step in enumerate(spec.steps):
+        if step.name in seen:
+            problems.append(
+                RuleViolation(
+                    ("steps", index, "name"),
+                    f"step name '{step.name}' is already used by step {seen[step.name]}",
+                )
+            )
+        else:
+            seen[step.name] = index
+    pivots = [i for i, s in enumerate(spec.steps) if s.pivot]
+    if len(pivots) > 1:
+        problems.append(
+            RuleViolation(
+                ("steps",), f"at most one pivot step is allowed; steps {pivots} are pivots"
+            )
+        )
+    for index, step in enumerate(spec.steps):
+        earlier = {s.name for s in spec.steps[:index]}
+        calls: list[tuple[str, CallSpec, set[str]]] = [("action", step.action, earlier)]
+        if step.compensation is not None:
+            calls.append(("compensation", step.compensation, earlier | {step.name}))
+        for field, call, visible in calls:
+            problems.extend(_check_call(call, ("steps", index, field), visible, known_services))
+            if call.url is not None and not host_allowed(call.url, host_patterns):
+                problems.append(
+                    RuleViolation(
+                        ("steps", index, field, "url"),
+                        f"host of {call.url!r} is not in SAGA_ALLOWED_HOSTS",
+                    )
+                )
+    return problems
+
+
+def _check_call(
+    call: CallSpec, loc: tuple[str | int, ...], visible: set[str], known_services: set[str]
+) -> list[RuleViolation]:
+    problems: list[RuleViolation] = []
+    if call.service is not None and call.service not in known_services:
+        problems.append(
+            RuleViolation(
+                (*loc, "service"),
+                f"unknown service '{call.service}': register it first (PUT /v1/services/…)",
+            )
+        )
+    for part, value in (("path", call.path), ("headers", call.headers), ("body", call.body)):
+        try:
+            refs = list(iter_refs(value))
+        except TemplateError as exc:
+            problems.append(RuleViolation((*loc, part), str(exc)))
+            continue
+        for ref in refs:
+            if ref.root == "steps" and ref.step not in visible:
+                problems.append(
+                    RuleViolation(
+                        (*loc, part),
+                        f"${{{ref}}} refers to step '{ref.step}', which is unknown or not earlier",
+                    )
+                )
+    return problems
+
+
+def is_name(value: str) -> bool:
+    return bool(_NAME.match(value))

@@ -1,0 +1,1 @@
+"""Use cases: claim → call → record; compensation; recovery."""

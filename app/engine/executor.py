@@ -1,0 +1,514 @@
+"""The step executor: claims due sagas and drives each one call at a time.
+
+For every call: record the attempt as started (commit), call the participant while
+renewing the lease, then commit the outcome together with the saga's new status and
+the scheduling of what comes next (commit). A crash anywhere leaves the saga due
+again once its lease expires; the participant may then see the same call again,
+always with the same Idempotency-Key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from app.domain.definition import DefinitionSpec, ServiceSpec
+from app.domain.planner import (
+    BeginCompensation,
+    Call,
+    Finish,
+    SagaState,
+    StepState,
+    Transition,
+    after_attempt,
+    plan,
+)
+from app.domain.states import AttemptOutcome, Direction, SagaStatus, StepStatus
+from app.domain.templates import RenderContext, TemplateError
+from app.engine.failpoints import Failpoints
+from app.engine.requests import build_request
+from app.participants.client import HttpRequest, ParticipantClient
+from app.resilience.outcome import CallFailure, CallResult, Outcome, classify
+from app.settings import Settings
+from app.store.executor import (
+    DeadLetterRecord,
+    EventRecord,
+    ExecutorStore,
+    SagaWork,
+    SagaWrite,
+    StepWrite,
+)
+from app.store.listen import Listener
+from app.store.registry import Registry
+from app.store.sagas import SAGA_WORK_CHANNEL
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SERVICE_CACHE_SECONDS = 2.0
+PRUNE_EVERY_SECONDS = 60.0
+
+
+class LeaseLost(Exception):
+    """Another worker took this saga over; this one must not write."""
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _db_retry() -> AsyncRetrying:
+    """Short in-process retries for database hiccups on statements safe to repeat."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type((OperationalError, DBAPIError)),
+        wait=wait_exponential(multiplier=0.05, max=1.0),
+        stop=stop_after_attempt(5),
+        reraise=True,
+    )
+
+
+@dataclass
+class _CachedService:
+    spec: ServiceSpec | None
+    expires: float
+
+
+class Executor:
+    """Runs sagas until `stop` is set; any number of executors may share a database."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        url: str,
+        worker_id: str | None = None,
+        client: ParticipantClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or new_worker_id()
+        self.store = ExecutorStore(engine, self.worker_id, settings.lease_seconds)
+        self.registry = Registry(engine)
+        self.url = url
+        self.client = client or ParticipantClient()
+        self._own_client = client is None
+        self.failpoints = Failpoints(settings.failpoint)
+        self._definitions: dict[int, DefinitionSpec] = {}
+        self._services: dict[str, _CachedService] = {}
+        self._tasks: dict[asyncio.Task[None], tuple[uuid.UUID, int]] = {}
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+
+    # --- main loop ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        listener = Listener(self.url, [SAGA_WORK_CHANNEL], lambda _c, _p: self._wake.set())
+        listen_task = asyncio.create_task(listener.run(), name="executor-listen")
+        prune_task = asyncio.create_task(self._prune_loop(), name="executor-prune")
+        log.info("executor started", extra={"worker": self.worker_id})
+        try:
+            await self._claim_loop(stop)
+        finally:
+            listen_task.cancel()
+            prune_task.cancel()
+            await self._drain()
+            if self._own_client:
+                await self.client.aclose()
+            log.info("executor stopped", extra={"worker": self.worker_id})
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
+        capacity = self.settings.worker_concurrency
+        error_delay = 0.1
+        while not stop.is_set():
+            free = capacity - len(self._tasks)
+            claimed: list[tuple[uuid.UUID, int]] = []
+            if free > 0:
+                self._wake.clear()
+                try:
+                    claimed = await self.store.claim(free)
+                    error_delay = 0.1
+                except (OperationalError, DBAPIError, OSError) as exc:
+                    log.warning("claim failed", extra={"error": str(exc)})
+                    await _sleep_or_stop(stop, error_delay)
+                    error_delay = min(error_delay * 2, 5.0)
+                    continue
+                self.failpoints.hit("while_claiming")
+                for saga_id, epoch in claimed:
+                    task = asyncio.create_task(self._run_saga(saga_id, epoch))
+                    self._tasks[task] = (saga_id, epoch)
+                    task.add_done_callback(self._task_done)
+            if claimed and len(claimed) == free:
+                continue  # probably more due work; claim again once a slot frees
+            waits: list[Awaitable[Any]] = [self._wake.wait(), stop.wait()]
+            if free <= 0:
+                self._slot_freed.clear()
+                waits = [self._slot_freed.wait(), stop.wait()]
+            await _wait_any(waits, within=self.settings.poll_interval_seconds)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        self._slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("saga task crashed", exc_info=task.exception())
+
+    async def _drain(self) -> None:
+        """Let in-flight sagas finish within the grace period, then hand the rest back."""
+        if not self._tasks:
+            return
+        pending = dict(self._tasks)
+        _done, still = await asyncio.wait(
+            list(pending), timeout=self.settings.shutdown_grace_seconds
+        )
+        for task in still:
+            task.cancel()
+        if still:
+            await asyncio.wait(still)
+        for task in still:
+            saga_id, epoch = pending[task]
+            try:
+                await self.store.release(saga_id, epoch)
+            except Exception as exc:  # the lease expires on its own anyway
+                log.warning("release failed", extra={"saga_id": str(saga_id), "error": str(exc)})
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_SECONDS)
+            try:
+                await self.store.prune_idempotency_keys()
+            except Exception as exc:
+                log.warning("pruning idempotency keys failed", extra={"error": str(exc)})
+
+    # --- one saga ----------------------------------------------------------------------
+
+    async def _run_saga(self, saga_id: uuid.UUID, epoch: int) -> None:
+        try:
+            async for attempt in _db_retry():
+                with attempt:
+                    work = await self.store.load(saga_id, epoch)
+            if work is None:
+                return
+            spec = await self._definition(work.definition_id)
+            while await self._advance(work, spec):
+                pass
+        except LeaseLost:
+            log.info("lease lost", extra={"saga_id": str(saga_id), "worker": self.worker_id})
+        except (OperationalError, DBAPIError, OSError) as exc:
+            # The lease expires and another claim redoes the unfinished attempt.
+            log.warning(
+                "database error, saga left to lease expiry",
+                extra={"saga_id": str(saga_id), "error": str(exc)},
+            )
+
+    async def _advance(self, work: SagaWork, spec: DefinitionSpec) -> bool:
+        """Do the next thing for a claimed saga; True while there is more to do now."""
+        started = time.monotonic()
+        nxt = plan(spec, _state(work), work.db_now)
+        if nxt is None:
+            return False
+        if isinstance(nxt, Finish):
+            await self._commit(work, SagaWrite(nxt.status), events=_finish_events(nxt.status))
+            return False
+        if isinstance(nxt, BeginCompensation):
+            await self._commit(
+                work,
+                SagaWrite(SagaStatus.COMPENSATING, error=nxt.error.as_json(), keep_lease=True),
+                events=(
+                    EventRecord(
+                        "compensation_started",
+                        step=nxt.error.step,
+                        error_kind=nxt.error.kind,
+                        message=nxt.error.message,
+                    ),
+                ),
+            )
+            work.status = SagaStatus.COMPENSATING
+            return True
+        return await self._call(work, spec, nxt, started)
+
+    async def _call(self, work: SagaWork, spec: DefinitionSpec, call: Call, started: float) -> bool:
+        step_spec = spec.steps[call.index]
+        row = work.steps[call.index]
+        forward = call.direction is Direction.ACTION
+        call_spec = step_spec.action if forward else step_spec.compensation
+        assert call_spec is not None
+        service = await self._service(call_spec.service) if call_spec.service else None
+
+        request: HttpRequest | None = None
+        template_error: str | None = None
+        try:
+            request = build_request(
+                call=call_spec,
+                service=service,
+                step_name=step_spec.name,
+                step_timeout=step_spec.timeout_seconds,
+                direction=call.direction,
+                saga_id=work.id,
+                context=_context(work),
+                request_id=work.request_id,
+                deadline_at=work.deadline_at,
+                allowed_hosts=self.settings.allowed_host_patterns,
+            )
+        except TemplateError as exc:
+            template_error = str(exc)
+
+        prior_maybe_applied = row.maybe_applied
+        attempt = await self.store.start_attempt(work, call.index, call.direction, row.name)
+        if attempt is None:
+            raise LeaseLost
+        if forward:
+            row.status, row.attempts, row.maybe_applied = StepStatus.RUNNING, attempt, True
+        else:
+            row.status, row.compensation_attempts = StepStatus.COMPENSATING, attempt
+            self.failpoints.hit("mid_compensation")
+        self.failpoints.hit("before_send")
+
+        if request is None:
+            result = CallResult(failure=CallFailure.TEMPLATE, message=template_error or "")
+        else:
+            request.headers["X-Saga-Attempt"] = str(attempt)
+            result = await self._with_lease(work, self.client.call(request))
+        self.failpoints.hit("after_send_before_commit")
+
+        retry_policy = step_spec.retry if forward else step_spec.compensation_retry
+        outcome = classify(result, retry_policy.retry_on_status)
+        # The planner judges from the state before start_attempt's pessimistic mark.
+        state = _state(work)
+        state.steps[call.index].maybe_applied = prior_maybe_applied
+        transition = after_attempt(spec, state, call, attempt, outcome, result.retry_after)
+        await self._record(
+            work, spec, call, attempt, result, outcome, transition, request, service, started
+        )
+        self.failpoints.hit("after_commit")
+        return transition.continue_now and not work.status.terminal
+
+    async def _record(
+        self,
+        work: SagaWork,
+        spec: DefinitionSpec,
+        call: Call,
+        attempt: int,
+        result: CallResult,
+        outcome: Outcome,
+        transition: Transition,
+        request: HttpRequest | None,
+        service: ServiceSpec | None,
+        started: float,
+    ) -> None:
+        """Commit an attempt's outcome, the step's and saga's new state, and what is next."""
+        step_spec = spec.steps[call.index]
+        row = work.steps[call.index]
+        forward = call.direction is Direction.ACTION
+        duration_ms = (time.monotonic() - started) * 1000
+        last_error = None
+        if not outcome.success:
+            last_error = {
+                "kind": outcome.error_kind.value if outcome.error_kind else None,
+                "message": outcome.message,
+                "status_code": result.status_code,
+                "attempt": attempt,
+                "direction": call.direction.value,
+            }
+        response = row.response
+        status_code = row.status_code
+        if forward:
+            if outcome.success:
+                response, status_code = result.body, result.status_code
+            elif transition.use_fallback and step_spec.fallback is not None:
+                response, status_code = step_spec.fallback.response, result.status_code
+            else:
+                status_code = result.status_code
+        step_done = transition.step_status not in (StepStatus.RUNNING, StepStatus.COMPENSATING)
+        events: list[EventRecord] = [
+            EventRecord(
+                type="attempt_finished",
+                step=row.name,
+                direction=call.direction,
+                attempt=attempt,
+                outcome=(
+                    AttemptOutcome.SUCCEEDED
+                    if outcome.success
+                    else AttemptOutcome.RETRYABLE
+                    if transition.retry_in is not None
+                    else AttemptOutcome.FAILED
+                ),
+                status_code=result.status_code,
+                error_kind=outcome.error_kind,
+                message=outcome.message or None,
+                duration_ms=duration_ms,
+            )
+        ]
+        if transition.use_fallback:
+            events.append(EventRecord("fallback_used", step=row.name))
+
+        # Apply to the in-memory copy, then see whether the saga can finish in this commit.
+        old_status = work.status
+        row.status = transition.step_status
+        row.maybe_applied = transition.maybe_applied
+        row.response, row.status_code = response, status_code
+        work.status = transition.saga_status
+        if transition.saga_status is SagaStatus.COMPENSATING and old_status is SagaStatus.RUNNING:
+            err = transition.saga_error
+            events.append(
+                EventRecord(
+                    "compensation_started",
+                    step=row.name,
+                    error_kind=err.kind if err else None,
+                    message=err.message if err else None,
+                )
+            )
+        saga_status = transition.saga_status
+        if transition.continue_now:
+            follow = plan(spec, _state(work), work.db_now)
+            if isinstance(follow, Finish):
+                saga_status = follow.status
+        if saga_status.terminal:
+            events.extend(_finish_events(saga_status))
+
+        delay = transition.retry_in or 0.0
+        if transition.retry_in is not None and work.deadline_at is not None and forward:
+            until_deadline = (work.deadline_at - work.db_now).total_seconds() - duration_ms / 1000
+            delay = max(0.0, min(delay, until_deadline))
+        dead_letter = None
+        if transition.dead_letter:
+            dead_letter = DeadLetterRecord(
+                step_idx=call.index,
+                step_name=row.name,
+                direction=call.direction,
+                service=(
+                    step_spec.action if forward else step_spec.compensation or step_spec.action
+                ).service,
+                attempts=attempt,
+                last_error=last_error,
+                request=request.redacted(set(service.headers) if service else set())
+                if request
+                else None,
+            )
+        await self._commit(
+            work,
+            SagaWrite(
+                saga_status,
+                error=transition.saga_error.as_json() if transition.saga_error else None,
+                keep_lease=transition.continue_now and not saga_status.terminal,
+                delay_seconds=delay,
+            ),
+            step=StepWrite(
+                idx=call.index,
+                status=transition.step_status,
+                forward=forward,
+                maybe_applied=transition.maybe_applied,
+                status_code=status_code,
+                response=response,
+                last_error=last_error,
+                keep_error=outcome.success and not forward,
+                done=step_done,
+            ),
+            events=tuple(events),
+            dead_letter=dead_letter,
+        )
+        work.status = saga_status
+        if transition.retry_in is not None and delay < self.settings.poll_interval_seconds:
+            asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    async def _commit(
+        self,
+        work: SagaWork,
+        saga: SagaWrite,
+        step: StepWrite | None = None,
+        events: tuple[EventRecord, ...] = (),
+        dead_letter: DeadLetterRecord | None = None,
+    ) -> None:
+        committed = await self.store.commit(work, saga, step, events, dead_letter)
+        if committed is None:
+            raise LeaseLost
+        work.cancel_requested = committed.cancel_requested
+        work.db_now = committed.db_now
+
+    async def _with_lease(self, work: SagaWork, call: Awaitable[T]) -> T:
+        """Await a participant call, renewing the lease while it is in flight."""
+        task = asyncio.ensure_future(call)
+        interval = max(self.settings.lease_seconds / 3, 0.1)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=interval)
+                if done:
+                    return task.result()
+                if not await self.store.renew(work.id, work.epoch):
+                    raise LeaseLost
+        finally:
+            if not task.done():
+                task.cancel()
+
+    # --- caches ------------------------------------------------------------------------
+
+    async def _definition(self, definition_id: int) -> DefinitionSpec:
+        spec = self._definitions.get(definition_id)
+        if spec is None:
+            record = await self.registry.get_definition_by_id(definition_id)
+            if record is None:
+                raise RuntimeError(f"definition {definition_id} vanished")
+            spec = self._definitions[definition_id] = record.spec
+        return spec
+
+    async def _service(self, name: str) -> ServiceSpec | None:
+        cached = self._services.get(name)
+        now = time.monotonic()
+        if cached is None or cached.expires < now:
+            record = await self.registry.get_service(name)
+            cached = _CachedService(record.spec if record else None, now + SERVICE_CACHE_SECONDS)
+            self._services[name] = cached
+        return cached.spec
+
+
+def _state(work: SagaWork) -> SagaState:
+    return SagaState(
+        status=work.status,
+        steps=[
+            StepState(s.name, s.status, s.attempts, s.compensation_attempts, s.maybe_applied)
+            for s in work.steps
+        ],
+        cancel_requested=work.cancel_requested,
+        deadline_at=work.deadline_at,
+    )
+
+
+def _context(work: SagaWork) -> RenderContext:
+    return RenderContext(
+        input=work.input,
+        saga_id=str(work.id),
+        step_results={
+            s.name: (s.status_code, s.response)
+            for s in work.steps
+            if s.status in (StepStatus.SUCCEEDED, StepStatus.FALLBACK)
+            or s.response is not None
+            or s.status_code is not None
+        },
+    )
+
+
+def _finish_events(status: SagaStatus) -> tuple[EventRecord, ...]:
+    return (EventRecord(f"saga_{status.value}"),)
+
+
+async def _wait_any(waits: list[Awaitable[Any]], within: float) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

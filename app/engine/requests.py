@@ -1,0 +1,70 @@
+"""Turn a step's call spec into the HTTP request a participant receives."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from app.domain.definition import DEFAULT_STEP_TIMEOUT, CallSpec, ServiceSpec, host_allowed
+from app.domain.states import Direction
+from app.domain.templates import RenderContext, TemplateError, render
+from app.participants.client import HttpRequest
+
+
+def idempotency_key(saga_id: uuid.UUID, step: str, direction: Direction) -> str:
+    """The same key on every attempt of one step in one direction."""
+    return f"{saga_id}:{step}:{direction.value}"
+
+
+def build_request(
+    *,
+    call: CallSpec,
+    service: ServiceSpec | None,
+    step_name: str,
+    step_timeout: float | None,
+    direction: Direction,
+    saga_id: uuid.UUID,
+    context: RenderContext,
+    request_id: str | None,
+    deadline_at: datetime | None,
+    allowed_hosts: list[str],
+) -> HttpRequest:
+    """Render templates and set the contract's headers; TemplateError if it cannot be built."""
+    if call.url is not None:
+        url = str(render(call.url, context))
+    else:
+        if service is None:
+            raise TemplateError(f"service '{call.service}' is not registered")
+        url = service.base_url + str(render(call.path, context))
+    if not host_allowed(url, allowed_hosts):
+        raise TemplateError(f"host of {url!r} is not in SAGA_ALLOWED_HOSTS")
+    rendered_headers: Any = render(call.headers, context)
+    headers: dict[str, str] = dict(service.headers) if service else {}
+    headers.update({str(k): _header_text(v) for k, v in rendered_headers.items()})
+    headers.update(
+        {
+            "Content-Type": "application/json",
+            "Idempotency-Key": idempotency_key(saga_id, step_name, direction),
+            "X-Saga-Id": str(saga_id),
+            "X-Saga-Step": step_name,
+            "X-Request-ID": request_id or str(saga_id),
+        }
+    )
+    if deadline_at is not None:
+        headers["X-Saga-Deadline"] = deadline_at.isoformat()
+    timeout = step_timeout or (service.timeout_seconds if service else DEFAULT_STEP_TIMEOUT)
+    return HttpRequest(
+        method=call.method,
+        url=url,
+        headers=headers,
+        body=render(call.body, context),
+        timeout_seconds=timeout,
+    )
+
+
+def _header_text(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if any(ord(c) < 0x20 for c in text):
+        raise TemplateError("a rendered header value contains control characters")
+    return text

@@ -1,0 +1,90 @@
+"""create_app: the one place that wires settings, storage, API and executor together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from app.api import health, problems, registry_routes, saga_routes
+from app.api.auth import Tokens
+from app.api.context import AppContext
+from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.engine.executor import Executor
+from app.settings import Settings
+from app.store.db import make_engine
+from app.store.listen import Listener, SagaWaiters
+from app.store.registry import Registry
+from app.store.sagas import SAGA_DONE_CHANNEL, SagaStore
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Saga orchestration on PostgreSQL: register participant services and saga
+definitions, start sagas idempotently, and follow them to `completed`, `compensated`
+or `failed`. Every error is RFC 9457 problem+json."""
+
+
+def resolve_tokens(settings: Settings) -> Tokens:
+    admin = settings.admin_token
+    if not admin:
+        admin = secrets.token_urlsafe(24)
+        log.warning(
+            "SAGA_ADMIN_TOKEN is not set; generated one for this process",
+            extra={"admin_token": admin},
+        )
+    return Tokens(api=settings.api_token or None, admin=admin)
+
+
+def create_app(settings: Settings, database_url: str, run_executor: bool = False) -> FastAPI:
+    """The ASGI app; with `run_executor` it also drives sagas in this process."""
+    tokens = resolve_tokens(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(database_url, settings.db_pool_size)
+        waiters = SagaWaiters()
+        app.state.ctx = AppContext(
+            settings=settings,
+            engine=engine,
+            registry=Registry(engine),
+            sagas=SagaStore(engine),
+            waiters=waiters,
+            tokens=tokens,
+        )
+        listener = Listener(
+            database_url, [SAGA_DONE_CHANNEL], lambda _c, payload: waiters.notify(payload)
+        )
+        background = [asyncio.create_task(listener.run(), name="api-listen")]
+        stop = asyncio.Event()
+        executor_task = None
+        if run_executor:
+            executor = Executor(engine, settings, database_url)
+            executor_task = asyncio.create_task(executor.run(stop), name="executor")
+        try:
+            yield
+        finally:
+            stop.set()
+            if executor_task is not None:
+                await executor_task
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Saga orchestrator",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(health.router)
+    app.include_router(registry_routes.router)
+    app.include_router(saga_routes.router)
+    return app

@@ -1,0 +1,1 @@
+"""Calling participant services over HTTP."""

@@ -1,0 +1,1 @@
+"""Pure resilience rules (retry schedule, outcome classification); clocks are injected."""

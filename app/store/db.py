@@ -1,0 +1,57 @@
+"""Database connections: the async engine, and the embedded PostgreSQL default."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from app.settings import Settings, sqlalchemy_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Database:
+    """Where the database is, and the embedded server to stop on exit (if any)."""
+
+    url: str
+    embedded: Any = None
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            log.info("stopping embedded PostgreSQL")
+            self.embedded.cleanup()
+            self.embedded = None
+
+
+def open_database(settings: Settings) -> Database:
+    """Use DATABASE_URL, or start an embedded PostgreSQL in SAGA_DATA_DIR."""
+    if settings.database_url:
+        return Database(url=settings.database_url)
+    try:
+        import pgserver
+    except ImportError as exc:  # pragma: no cover - depends on the Python version
+        raise SystemExit(
+            "DATABASE_URL is not set and the embedded PostgreSQL (pgserver) is not available "
+            "on this Python; set DATABASE_URL to a PostgreSQL server."
+        ) from exc
+    data_dir = Path(settings.data_dir).resolve() / "pgdata"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log.info("starting embedded PostgreSQL", extra={"data_dir": str(data_dir)})
+    # "stop" stops the server on exit but keeps the data for the next start.
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
+    return Database(url=server.get_uri(), embedded=server)
+
+
+def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
+    return create_async_engine(
+        sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )

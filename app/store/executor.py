@@ -1,0 +1,438 @@
+"""The executor's queries: claim due sagas, record attempts, commit outcomes.
+
+Every write is fenced by (lease_owner, lease_epoch): a worker whose lease expired
+and was taken over gets no row back and must stop. Times come from the database
+clock (`now()`), never from the process.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.domain.states import AttemptOutcome, Direction, ErrorKind, SagaStatus, StepStatus
+from app.store.sagas import SAGA_DONE_CHANNEL
+
+_CLAIM = text(
+    """
+    UPDATE sagas AS s
+       SET lease_owner = :worker,
+           lease_epoch = s.lease_epoch + 1,
+           lease_expires_at = now() + make_interval(secs => :lease),
+           due_at = now() + make_interval(secs => :lease)
+      FROM (SELECT id FROM sagas
+             WHERE due_at <= now()
+             ORDER BY due_at
+             LIMIT :limit
+             FOR UPDATE SKIP LOCKED) AS due
+     WHERE s.id = due.id
+    RETURNING s.id, s.lease_epoch
+    """
+)
+
+_LOAD_SAGA = text(
+    """
+    SELECT id, definition_id, status, input, idempotency_key, deadline_at, cancel_requested,
+           request_id, traceparent, lease_owner, lease_epoch, now() AS db_now
+      FROM sagas WHERE id = :id
+    """
+)
+
+_LOAD_STEPS = text(
+    """
+    SELECT idx, name, status, attempts, compensation_attempts, maybe_applied, status_code,
+           response
+      FROM saga_steps WHERE saga_id = :id ORDER BY idx
+    """
+)
+
+_RENEW = text(
+    """
+    UPDATE sagas SET lease_expires_at = now() + make_interval(secs => :lease),
+                     due_at = now() + make_interval(secs => :lease)
+     WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
+    RETURNING id
+    """
+)
+
+_START_ATTEMPT = text(
+    """
+    WITH fenced AS (
+      UPDATE sagas SET lease_expires_at = now() + make_interval(secs => :lease),
+                       due_at = now() + make_interval(secs => :lease),
+                       updated_at = now()
+       WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
+      RETURNING id
+    )
+    UPDATE saga_steps AS st
+       SET status = :status,
+           attempts = st.attempts + CASE WHEN :forward THEN 1 ELSE 0 END,
+           compensation_attempts = st.compensation_attempts + CASE WHEN :forward THEN 0 ELSE 1 END,
+           maybe_applied = st.maybe_applied OR :forward,
+           started_at = coalesce(st.started_at, now())
+      FROM fenced
+     WHERE st.saga_id = fenced.id AND st.idx = :idx
+    RETURNING CASE WHEN :forward THEN st.attempts ELSE st.compensation_attempts END AS attempt
+    """
+)
+
+_FINISH_SAGA_ROW = text(
+    """
+    UPDATE sagas
+       SET status = :status,
+           error = coalesce(CAST(:error AS jsonb), error),
+           updated_at = now(),
+           finished_at = CASE WHEN :terminal THEN now() ELSE NULL END,
+           due_at = CASE WHEN :terminal THEN NULL
+                         WHEN :keep THEN now() + make_interval(secs => :lease)
+                         WHEN cancel_requested AND status = 'running' THEN now()
+                         ELSE now() + make_interval(secs => :delay) END,
+           lease_owner = CASE WHEN :keep THEN lease_owner ELSE NULL END,
+           lease_expires_at = CASE WHEN :keep THEN now() + make_interval(secs => :lease)
+                                   ELSE NULL END
+     WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
+    RETURNING cancel_requested, now() AS db_now
+    """
+)
+
+_UPDATE_STEP = text(
+    """
+    UPDATE saga_steps
+       SET status = :status,
+           maybe_applied = :maybe_applied,
+           status_code = CASE WHEN :forward THEN CAST(:status_code AS integer) ELSE status_code END,
+           response = CASE WHEN :forward THEN CAST(:response AS jsonb) ELSE response END,
+           last_error = CASE WHEN :keep_error THEN last_error
+                             ELSE CAST(:last_error AS jsonb) END,
+           finished_at = CASE WHEN :done THEN now() ELSE finished_at END
+     WHERE saga_id = :id AND idx = :idx
+    """
+)
+
+_INSERT_EVENT = text(
+    """
+    INSERT INTO saga_events (saga_id, type, step, direction, attempt, outcome, status_code,
+                             error_kind, message, duration_ms, worker)
+    VALUES (:id, :type, :step, :direction, :attempt, :outcome, :status_code,
+            :error_kind, :message, :duration_ms, :worker)
+    """
+)
+
+_INSERT_DEAD_LETTER = text(
+    """
+    INSERT INTO dead_letters (id, saga_id, definition_name, step_idx, step_name, direction,
+                              service, attempts, last_error, request)
+    SELECT :dl_id, id, definition_name, :idx, :step, :direction, :service, :attempts,
+           CAST(:last_error AS jsonb), CAST(:request AS jsonb)
+      FROM sagas WHERE id = :id
+    ON CONFLICT (saga_id, step_idx, direction) WHERE status = 'open' DO NOTHING
+    """
+)
+
+
+@dataclass(slots=True)
+class StepRow:
+    idx: int
+    name: str
+    status: StepStatus
+    attempts: int
+    compensation_attempts: int
+    maybe_applied: bool
+    status_code: int | None
+    response: Any
+
+
+@dataclass(slots=True)
+class SagaWork:
+    """A claimed saga, as the executor holds it in memory between commits."""
+
+    id: uuid.UUID
+    epoch: int
+    definition_id: int
+    status: SagaStatus
+    input: Any
+    idempotency_key: str | None
+    deadline_at: datetime | None
+    cancel_requested: bool
+    request_id: str | None
+    traceparent: str | None
+    db_now: datetime
+    steps: list[StepRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    type: str
+    step: str | None = None
+    direction: Direction | None = None
+    attempt: int | None = None
+    outcome: AttemptOutcome | None = None
+    status_code: int | None = None
+    error_kind: ErrorKind | None = None
+    message: str | None = None
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    step_idx: int
+    step_name: str
+    direction: Direction
+    service: str | None
+    attempts: int
+    last_error: dict[str, Any] | None
+    request: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepWrite:
+    idx: int
+    status: StepStatus
+    forward: bool
+    maybe_applied: bool
+    status_code: int | None
+    response: Any
+    last_error: dict[str, Any] | None
+    keep_error: bool  # a successful compensation keeps the action's error visible
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SagaWrite:
+    """The saga row after a commit: status, and when it is next due."""
+
+    status: SagaStatus
+    error: dict[str, Any] | None = None
+    keep_lease: bool = False  # the worker goes straight on with this saga
+    delay_seconds: float = 0.0  # when released and not terminal: due after this
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    cancel_requested: bool
+    db_now: datetime
+
+
+def _json(value: Any) -> str | None:
+    import json
+
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+class ExecutorStore:
+    """Every statement the executor runs."""
+
+    def __init__(self, engine: AsyncEngine, worker_id: str, lease_seconds: float) -> None:
+        self.engine = engine
+        self.worker = worker_id
+        self.lease = lease_seconds
+
+    async def claim(self, limit: int) -> list[tuple[uuid.UUID, int]]:
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(
+                _CLAIM, {"worker": self.worker, "lease": self.lease, "limit": limit}
+            )
+            return [(r.id, r.lease_epoch) for r in rows]
+
+    async def load(self, saga_id: uuid.UUID, epoch: int) -> SagaWork | None:
+        """The saga and its steps, or None when this worker no longer holds it."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(_LOAD_SAGA, {"id": saga_id})).first()
+            if row is None or row.lease_owner != self.worker or row.lease_epoch != epoch:
+                return None
+            steps = (await conn.execute(_LOAD_STEPS, {"id": saga_id})).all()
+        return SagaWork(
+            id=row.id,
+            epoch=epoch,
+            definition_id=row.definition_id,
+            status=SagaStatus(row.status),
+            input=row.input,
+            idempotency_key=row.idempotency_key,
+            deadline_at=row.deadline_at,
+            cancel_requested=row.cancel_requested,
+            request_id=row.request_id,
+            traceparent=row.traceparent,
+            db_now=row.db_now,
+            steps=[
+                StepRow(
+                    idx=s.idx,
+                    name=s.name,
+                    status=StepStatus(s.status),
+                    attempts=s.attempts,
+                    compensation_attempts=s.compensation_attempts,
+                    maybe_applied=s.maybe_applied,
+                    status_code=s.status_code,
+                    response=s.response,
+                )
+                for s in steps
+            ],
+        )
+
+    async def renew(self, saga_id: uuid.UUID, epoch: int) -> bool:
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    _RENEW,
+                    {"id": saga_id, "worker": self.worker, "epoch": epoch, "lease": self.lease},
+                )
+            ).first()
+        return row is not None
+
+    async def start_attempt(
+        self, work: SagaWork, idx: int, direction: Direction, step_name: str
+    ) -> int | None:
+        """Record an attempt as started (before the call); its number, or None if fenced out."""
+        forward = direction is Direction.ACTION
+        status = StepStatus.RUNNING if forward else StepStatus.COMPENSATING
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    _START_ATTEMPT,
+                    {
+                        "id": work.id,
+                        "worker": self.worker,
+                        "epoch": work.epoch,
+                        "lease": self.lease,
+                        "status": status.value,
+                        "forward": forward,
+                        "idx": idx,
+                    },
+                )
+            ).first()
+            if row is None:
+                await conn.rollback()
+                return None
+            attempt = int(row.attempt)
+            await self._event(
+                conn,
+                work.id,
+                EventRecord(
+                    type="attempt_started",
+                    step=step_name,
+                    direction=direction,
+                    attempt=attempt,
+                    outcome=AttemptOutcome.STARTED,
+                ),
+            )
+        return attempt
+
+    async def commit(
+        self,
+        work: SagaWork,
+        saga: SagaWrite,
+        step: StepWrite | None = None,
+        events: tuple[EventRecord, ...] = (),
+        dead_letter: DeadLetterRecord | None = None,
+    ) -> Committed | None:
+        """Commit an outcome and everything it leads to in one transaction.
+
+        None means the lease was lost: nothing was written.
+        """
+        terminal = saga.status.terminal
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    _FINISH_SAGA_ROW,
+                    {
+                        "id": work.id,
+                        "worker": self.worker,
+                        "epoch": work.epoch,
+                        "status": saga.status.value,
+                        "error": _json(saga.error),
+                        "terminal": terminal,
+                        "keep": saga.keep_lease and not terminal,
+                        "lease": self.lease,
+                        "delay": max(saga.delay_seconds, 0.0),
+                    },
+                )
+            ).first()
+            if row is None:
+                await conn.rollback()
+                return None
+            if step is not None:
+                await conn.execute(
+                    _UPDATE_STEP,
+                    {
+                        "id": work.id,
+                        "idx": step.idx,
+                        "status": step.status.value,
+                        "forward": step.forward,
+                        "maybe_applied": step.maybe_applied,
+                        "status_code": step.status_code,
+                        "response": _json(step.response),
+                        "last_error": _json(step.last_error),
+                        "keep_error": step.keep_error,
+                        "done": step.done,
+                    },
+                )
+            for event in events:
+                await self._event(conn, work.id, event)
+            if dead_letter is not None:
+                await conn.execute(
+                    _INSERT_DEAD_LETTER,
+                    {
+                        "dl_id": uuid.uuid4(),
+                        "id": work.id,
+                        "idx": dead_letter.step_idx,
+                        "step": dead_letter.step_name,
+                        "direction": dead_letter.direction.value,
+                        "service": dead_letter.service,
+                        "attempts": dead_letter.attempts,
+                        "last_error": _json(dead_letter.last_error),
+                        "request": _json(dead_letter.request),
+                    },
+                )
+            if terminal:
+                await conn.execute(
+                    text("SELECT pg_notify(:c, :id)"), {"c": SAGA_DONE_CHANNEL, "id": str(work.id)}
+                )
+        return Committed(cancel_requested=bool(row.cancel_requested), db_now=row.db_now)
+
+    async def release(self, saga_id: uuid.UUID, epoch: int) -> None:
+        """Give a saga back (shutdown): due again at once for another worker."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    """
+                    UPDATE sagas SET lease_owner = NULL, lease_expires_at = NULL, due_at = now()
+                     WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
+                    """
+                ),
+                {"id": saga_id, "worker": self.worker, "epoch": epoch},
+            )
+
+    async def prune_idempotency_keys(self, batch: int = 1000) -> int:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                text(
+                    """
+                    DELETE FROM idempotency_keys WHERE key IN (
+                      SELECT key FROM idempotency_keys WHERE expires_at < now() LIMIT :n)
+                    """
+                ),
+                {"n": batch},
+            )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def _event(self, conn: AsyncConnection, saga_id: uuid.UUID, event: EventRecord) -> None:
+        await conn.execute(
+            _INSERT_EVENT,
+            {
+                "id": saga_id,
+                "type": event.type,
+                "step": event.step,
+                "direction": event.direction.value if event.direction else None,
+                "attempt": event.attempt,
+                "outcome": event.outcome.value if event.outcome else None,
+                "status_code": event.status_code,
+                "error_kind": event.error_kind.value if event.error_kind else None,
+                "message": event.message,
+                "duration_ms": event.duration_ms,
+                "worker": self.worker,
+            },
+        )

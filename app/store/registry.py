@@ -1,0 +1,210 @@
+"""Services and definitions: registration and lookup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.domain.definition import DefinitionSpec, ServiceSpec
+from app.domain.states import CircuitState
+from app.store.tables import CircuitBreaker, Definition, Service
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    name: str
+    spec: ServiceSpec
+    created_at: datetime
+    updated_at: datetime
+    circuit_state: CircuitState
+    consecutive_failures: int
+    opened_at: datetime | None
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class DefinitionRecord:
+    id: int
+    name: str
+    version: int
+    content_hash: str
+    spec: DefinitionSpec
+    created_at: datetime
+
+
+def _service_record(row: Any) -> ServiceRecord:
+    spec = ServiceSpec.model_validate(
+        {
+            "base_url": row.base_url,
+            "timeout_seconds": row.timeout_seconds,
+            "max_concurrency": row.max_concurrency,
+            "circuit_breaker": {
+                "failure_threshold": row.failure_threshold,
+                "recovery_timeout_seconds": row.recovery_timeout_seconds,
+                "half_open_max_calls": row.half_open_max_calls,
+            },
+            "headers": row.headers,
+        }
+    )
+    return ServiceRecord(
+        name=row.name,
+        spec=spec,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        circuit_state=CircuitState(row.state or CircuitState.CLOSED),
+        consecutive_failures=row.consecutive_failures or 0,
+        opened_at=row.opened_at,
+        in_flight=row.in_flight or 0,
+    )
+
+
+def _definition_record(row: Any) -> DefinitionRecord:
+    return DefinitionRecord(
+        id=row.id,
+        name=row.name,
+        version=row.version,
+        content_hash=row.content_hash,
+        spec=DefinitionSpec.model_validate(row.spec),
+        created_at=row.created_at,
+    )
+
+
+_SERVICE_COLUMNS = (
+    Service,
+    CircuitBreaker.state,
+    CircuitBreaker.consecutive_failures,
+    CircuitBreaker.opened_at,
+    CircuitBreaker.in_flight,
+)
+
+
+class Registry:
+    """Queries on services and definitions."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def put_service(self, name: str, spec: ServiceSpec) -> tuple[ServiceRecord, bool]:
+        """Register or replace a service; True when it is new."""
+        values = {
+            "name": name,
+            "base_url": spec.base_url,
+            "timeout_seconds": spec.timeout_seconds,
+            "max_concurrency": spec.max_concurrency,
+            "failure_threshold": spec.circuit_breaker.failure_threshold,
+            "recovery_timeout_seconds": spec.circuit_breaker.recovery_timeout_seconds,
+            "half_open_max_calls": spec.circuit_breaker.half_open_max_calls,
+            "headers": spec.headers,
+        }
+        base = insert(Service).values(**values)
+        stmt = base.on_conflict_do_update(
+            index_elements=[Service.name],
+            set_={**{k: base.excluded[k] for k in values if k != "name"}, "updated_at": func.now()},
+        ).returning(text("(xmax = 0) AS created"))
+        async with self.engine.begin() as conn:
+            created = bool((await conn.execute(stmt)).scalar_one())
+            await conn.execute(insert(CircuitBreaker).values(service=name).on_conflict_do_nothing())
+        record = await self.get_service(name)
+        assert record is not None
+        return record, created
+
+    async def get_service(self, name: str) -> ServiceRecord | None:
+        stmt = (
+            select(*_SERVICE_COLUMNS)
+            .outerjoin(CircuitBreaker, CircuitBreaker.service == Service.name)
+            .where(Service.name == name)
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        return _service_record(row) if row else None
+
+    async def list_services(self, limit: int, after: str | None) -> list[ServiceRecord]:
+        stmt = (
+            select(*_SERVICE_COLUMNS)
+            .outerjoin(CircuitBreaker, CircuitBreaker.service == Service.name)
+            .order_by(Service.name)
+            .limit(limit)
+        )
+        if after is not None:
+            stmt = stmt.where(Service.name > after)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [_service_record(r) for r in rows]
+
+    async def service_names(self, names: set[str]) -> set[str]:
+        if not names:
+            return set()
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(Service.name).where(Service.name.in_(names)))
+        return {r[0] for r in rows}
+
+    async def register_definition(self, spec: DefinitionSpec) -> tuple[DefinitionRecord, bool]:
+        """Store a new version unless the latest has the same content; True when created."""
+        digest = spec.content_hash()
+        async with self.engine.begin() as conn:
+            # Serialise registrations of one name so versions stay dense and unique.
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext('definition:' || :name))"),
+                {"name": spec.name},
+            )
+            latest = (
+                await conn.execute(
+                    select(Definition)
+                    .where(Definition.name == spec.name)
+                    .order_by(Definition.version.desc())
+                    .limit(1)
+                )
+            ).first()
+            if latest is not None and latest.content_hash == digest:
+                return _definition_record(latest), False
+            row = (
+                await conn.execute(
+                    insert(Definition)
+                    .values(
+                        name=spec.name,
+                        version=(latest.version + 1) if latest else 1,
+                        content_hash=digest,
+                        spec=spec.model_dump(mode="json"),
+                    )
+                    .returning(Definition)
+                )
+            ).one()
+        return _definition_record(row), True
+
+    async def get_definition(
+        self, name: str, version: int | None = None
+    ) -> DefinitionRecord | None:
+        stmt = select(Definition).where(Definition.name == name)
+        if version is None:
+            stmt = stmt.order_by(Definition.version.desc()).limit(1)
+        else:
+            stmt = stmt.where(Definition.version == version)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        return _definition_record(row) if row else None
+
+    async def get_definition_by_id(self, definition_id: int) -> DefinitionRecord | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(Definition).where(Definition.id == definition_id))
+            ).first()
+        return _definition_record(row) if row else None
+
+    async def list_definitions(self, limit: int, after: str | None) -> list[DefinitionRecord]:
+        """The latest version of each definition, by name."""
+        stmt = (
+            select(Definition)
+            .distinct(Definition.name)
+            .order_by(Definition.name, Definition.version.desc())
+            .limit(limit)
+        )
+        if after is not None:
+            stmt = stmt.where(Definition.name > after)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [_definition_record(r) for r in rows]

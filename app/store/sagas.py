@@ -1,0 +1,286 @@
+"""Sagas as the API sees them: start (idempotently), read, list, history, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import select, text, tuple_
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.domain.states import SagaStatus, StepStatus
+from app.store.registry import DefinitionRecord
+from app.store.tables import IdempotencyKey, Saga, SagaEvent, SagaStep
+
+SAGA_WORK_CHANNEL = "saga_work"
+SAGA_DONE_CHANNEL = "saga_done"
+
+
+@dataclass(frozen=True, slots=True)
+class StepView:
+    name: str
+    status: StepStatus
+    attempts: int
+    compensation_attempts: int
+    status_code: int | None
+    response: Any
+    last_error: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SagaView:
+    id: uuid.UUID
+    definition: str
+    definition_version: int
+    definition_id: int
+    status: SagaStatus
+    input: Any
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    error: dict[str, Any] | None
+    deadline_at: datetime | None
+    cancel_requested: bool
+    steps: list[StepView]
+
+
+class StartResult(Enum):
+    CREATED = "created"
+    REPLAYED = "replayed"
+    MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class NewSaga:
+    definition: DefinitionRecord
+    input: Any
+    idempotency_key: str | None
+    fingerprint: str | None
+    key_ttl_seconds: float
+    request_id: str | None = None
+    traceparent: str | None = None
+
+
+class CancelResult(Enum):
+    ACCEPTED = "accepted"
+    NOT_FOUND = "not_found"
+    TERMINAL = "terminal"
+
+
+def _step_view(row: Any) -> StepView:
+    return StepView(
+        name=row.name,
+        status=StepStatus(row.status),
+        attempts=row.attempts,
+        compensation_attempts=row.compensation_attempts,
+        status_code=row.status_code,
+        response=row.response,
+        last_error=row.last_error,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _saga_view(row: Any, steps: list[StepView]) -> SagaView:
+    return SagaView(
+        id=row.id,
+        definition=row.definition_name,
+        definition_version=row.definition_version,
+        definition_id=row.definition_id,
+        status=SagaStatus(row.status),
+        input=row.input,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+        error=row.error,
+        deadline_at=row.deadline_at,
+        cancel_requested=row.cancel_requested,
+        steps=steps,
+    )
+
+
+class SagaStore:
+    """Queries behind the sagas API."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def start(self, new: NewSaga) -> tuple[StartResult, uuid.UUID]:
+        """Create a saga; with an idempotency key, at most one saga per key, ever.
+
+        The key row is claimed with INSERT … ON CONFLICT: concurrent requests with one
+        key wait on the first one's transaction and then see its row. An expired key
+        is taken over as if it were new.
+        """
+        saga_id = uuid.uuid4()
+        async with self.engine.begin() as conn:
+            if new.idempotency_key is not None:
+                base = insert(IdempotencyKey).values(
+                    key=new.idempotency_key,
+                    fingerprint=new.fingerprint,
+                    saga_id=saga_id,
+                    expires_at=text("now() + make_interval(secs => :ttl)").bindparams(
+                        ttl=new.key_ttl_seconds
+                    ),
+                )
+                stmt = base.on_conflict_do_update(
+                    index_elements=[IdempotencyKey.key],
+                    set_={
+                        "fingerprint": base.excluded.fingerprint,
+                        "saga_id": base.excluded.saga_id,
+                        "created_at": text("now()"),
+                        "expires_at": base.excluded.expires_at,
+                    },
+                    where=IdempotencyKey.expires_at < text("now()"),
+                ).returning(IdempotencyKey.saga_id)
+                claimed = (await conn.execute(stmt)).first()
+                if claimed is None:
+                    existing = (
+                        await conn.execute(
+                            select(IdempotencyKey.fingerprint, IdempotencyKey.saga_id).where(
+                                IdempotencyKey.key == new.idempotency_key
+                            )
+                        )
+                    ).one()
+                    if existing.fingerprint != new.fingerprint:
+                        return StartResult.MISMATCH, existing.saga_id
+                    return StartResult.REPLAYED, existing.saga_id
+            await self._insert_saga(conn, saga_id, new)
+        return StartResult.CREATED, saga_id
+
+    async def _insert_saga(self, conn: AsyncConnection, saga_id: uuid.UUID, new: NewSaga) -> None:
+        spec = new.definition.spec
+        deadline = (
+            text("now() + make_interval(secs => :t)").bindparams(t=spec.timeout_seconds)
+            if spec.timeout_seconds
+            else None
+        )
+        await conn.execute(
+            insert(Saga).values(
+                id=saga_id,
+                definition_id=new.definition.id,
+                definition_name=new.definition.name,
+                definition_version=new.definition.version,
+                status=SagaStatus.RUNNING,
+                input=new.input,
+                idempotency_key=new.idempotency_key,
+                deadline_at=deadline,
+                request_id=new.request_id,
+                traceparent=new.traceparent,
+                due_at=text("now()"),
+            )
+        )
+        await conn.execute(
+            insert(SagaStep),
+            [
+                {"saga_id": saga_id, "idx": i, "name": s.name, "status": StepStatus.PENDING}
+                for i, s in enumerate(spec.steps)
+            ],
+        )
+        await conn.execute(insert(SagaEvent).values(saga_id=saga_id, type="saga_started"))
+        await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": SAGA_WORK_CHANNEL})
+
+    async def get(self, saga_id: uuid.UUID) -> SagaView | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(Saga).where(Saga.id == saga_id))).first()
+            if row is None:
+                return None
+            steps = (
+                await conn.execute(
+                    select(SagaStep).where(SagaStep.saga_id == saga_id).order_by(SagaStep.idx)
+                )
+            ).all()
+        return _saga_view(row, [_step_view(s) for s in steps])
+
+    async def status(self, saga_id: uuid.UUID) -> SagaStatus | None:
+        async with self.engine.connect() as conn:
+            value = (
+                await conn.execute(select(Saga.status).where(Saga.id == saga_id))
+            ).scalar_one_or_none()
+        return SagaStatus(value) if value is not None else None
+
+    async def list_page(
+        self,
+        limit: int,
+        status: SagaStatus | None = None,
+        definition: str | None = None,
+        before: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[SagaView]:
+        """Newest first; `before` is the (created_at, id) of the last item already seen."""
+        stmt = select(Saga).order_by(Saga.created_at.desc(), Saga.id.desc()).limit(limit)
+        if status is not None:
+            stmt = stmt.where(Saga.status == status)
+        if definition is not None:
+            stmt = stmt.where(Saga.definition_name == definition)
+        if before is not None:
+            stmt = stmt.where(tuple_(Saga.created_at, Saga.id) < tuple_(*before))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+            ids = [r.id for r in rows]
+            step_rows = (
+                (
+                    await conn.execute(
+                        select(SagaStep)
+                        .where(SagaStep.saga_id.in_(ids))
+                        .order_by(SagaStep.saga_id, SagaStep.idx)
+                    )
+                ).all()
+                if ids
+                else []
+            )
+        by_saga: dict[uuid.UUID, list[StepView]] = {}
+        for s in step_rows:
+            by_saga.setdefault(s.saga_id, []).append(_step_view(s))
+        return [_saga_view(r, by_saga.get(r.id, [])) for r in rows]
+
+    async def events(
+        self, saga_id: uuid.UUID, limit: int, after: int | None = None
+    ) -> list[dict[str, Any]]:
+        stmt = (
+            select(SagaEvent)
+            .where(SagaEvent.saga_id == saga_id)
+            .order_by(SagaEvent.id)
+            .limit(limit)
+        )
+        if after is not None:
+            stmt = stmt.where(SagaEvent.id > after)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [dict(r._mapping) for r in rows]
+
+    async def request_cancel(self, saga_id: uuid.UUID) -> CancelResult:
+        """Flag the saga; the executor that next touches it starts compensating.
+
+        When no executor holds a live lease, the saga is made due at once.
+        """
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        """
+                        UPDATE sagas SET cancel_requested = true, updated_at = now(),
+                          due_at = CASE WHEN lease_owner IS NULL OR lease_expires_at < now()
+                                        THEN now() ELSE due_at END
+                        WHERE id = :id AND status IN ('running', 'compensating')
+                        RETURNING id
+                        """
+                    ),
+                    {"id": saga_id},
+                )
+            ).first()
+            if row is not None:
+                await conn.execute(
+                    insert(SagaEvent).values(saga_id=saga_id, type="cancel_requested")
+                )
+                await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": SAGA_WORK_CHANNEL})
+                return CancelResult.ACCEPTED
+            exists = (await conn.execute(select(Saga.id).where(Saga.id == saga_id))).first()
+        return CancelResult.TERMINAL if exists else CancelResult.NOT_FOUND

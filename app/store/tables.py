@@ -1,0 +1,258 @@
+"""Typed SQLAlchemy models: the schema that the Alembic migrations must produce.
+
+Statuses are Python enums stored as text with a CHECK constraint each; every
+timestamp is timezone-aware and set by the database clock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Double,
+    Enum,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from app.domain.states import (
+    AttemptOutcome,
+    CircuitState,
+    DeadLetterStatus,
+    Direction,
+    SagaStatus,
+    StepStatus,
+)
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def status_enum(enum_cls: type[StrEnum], name: str) -> Enum:
+    """Text column with a CHECK constraint listing the enum's values."""
+    return Enum(
+        enum_cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+def tstz(nullable: bool = False, default_now: bool = False) -> Any:
+    return mapped_column(
+        DateTime(timezone=True),
+        nullable=nullable,
+        server_default=func.now() if default_now else None,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Service(Base):
+    __tablename__ = "services"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    base_url: Mapped[str] = mapped_column(Text)
+    timeout_seconds: Mapped[float] = mapped_column(Double)
+    max_concurrency: Mapped[int] = mapped_column(Integer)
+    failure_threshold: Mapped[int] = mapped_column(Integer)
+    recovery_timeout_seconds: Mapped[float] = mapped_column(Double)
+    half_open_max_calls: Mapped[int] = mapped_column(Integer)
+    headers: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = tstz(default_now=True)
+    updated_at: Mapped[datetime] = tstz(default_now=True)
+
+
+class CircuitBreaker(Base):
+    """Shared breaker and bulkhead state of one service, seen by every executor process."""
+
+    __tablename__ = "circuit_breakers"
+
+    service: Mapped[str] = mapped_column(
+        Text, ForeignKey("services.name", ondelete="CASCADE"), primary_key=True
+    )
+    state: Mapped[CircuitState] = mapped_column(
+        status_enum(CircuitState, "circuit_state"), server_default=CircuitState.CLOSED.value
+    )
+    consecutive_failures: Mapped[int] = mapped_column(Integer, server_default="0")
+    opened_at: Mapped[datetime | None] = tstz(nullable=True)
+    half_open_in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
+    in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
+    updated_at: Mapped[datetime] = tstz(default_now=True)
+
+
+class Definition(Base):
+    __tablename__ = "definitions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(Text)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = tstz(default_now=True)
+
+
+class Saga(Base):
+    """One saga run. `due_at` says when an executor should next look at it (NULL: never)."""
+
+    __tablename__ = "sagas"
+    __table_args__ = (
+        # The claim query walks this partial index in due order; terminal sagas leave it.
+        Index("ix_sagas_due", "due_at", postgresql_where=text("due_at IS NOT NULL")),
+        Index("ix_sagas_created", text("created_at DESC"), text("id DESC")),
+        Index("ix_sagas_status_created", "status", text("created_at DESC")),
+        Index("ix_sagas_definition_created", "definition_name", text("created_at DESC")),
+        Index("ix_sagas_idempotency_key", "idempotency_key"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    definition_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("definitions.id"))
+    definition_name: Mapped[str] = mapped_column(Text)
+    definition_version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[SagaStatus] = mapped_column(status_enum(SagaStatus, "saga_status"))
+    input: Mapped[Any] = mapped_column(JSONB)
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    deadline_at: Mapped[datetime | None] = tstz(nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    request_id: Mapped[str | None] = mapped_column(Text)
+    traceparent: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = tstz(default_now=True)
+    updated_at: Mapped[datetime] = tstz(default_now=True)
+    finished_at: Mapped[datetime | None] = tstz(nullable=True)
+    due_at: Mapped[datetime | None] = tstz(nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_epoch: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    lease_expires_at: Mapped[datetime | None] = tstz(nullable=True)
+
+
+class SagaStep(Base):
+    __tablename__ = "saga_steps"
+
+    saga_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("sagas.id", ondelete="CASCADE"), primary_key=True
+    )
+    idx: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    status: Mapped[StepStatus] = mapped_column(status_enum(StepStatus, "step_status"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    compensation_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # True once any attempt may have applied the action (timeout, lost connection, 5xx).
+    maybe_applied: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[Any | None] = mapped_column(JSONB)
+    last_error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    started_at: Mapped[datetime | None] = tstz(nullable=True)
+    finished_at: Mapped[datetime | None] = tstz(nullable=True)
+
+
+class SagaEvent(Base):
+    """Append-only history: saga transitions and every attempt's start and outcome."""
+
+    __tablename__ = "saga_events"
+    __table_args__ = (Index("ix_saga_events_saga", "saga_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    saga_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("sagas.id", ondelete="CASCADE")
+    )
+    at: Mapped[datetime] = tstz(default_now=True)
+    type: Mapped[str] = mapped_column(Text)
+    step: Mapped[str | None] = mapped_column(Text)
+    direction: Mapped[Direction | None] = mapped_column(status_enum(Direction, "direction"))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[AttemptOutcome | None] = mapped_column(
+        status_enum(AttemptOutcome, "attempt_outcome")
+    )
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error_kind: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float | None] = mapped_column(Double)
+    worker: Mapped[str | None] = mapped_column(Text)
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_expires", "expires_at"),)
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    saga_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    created_at: Mapped[datetime] = tstz(default_now=True)
+    expires_at: Mapped[datetime] = tstz()
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        Index("ix_dead_letters_status_created", "status", text("created_at DESC")),
+        # At most one open dead letter per step and direction.
+        Index(
+            "uq_dead_letters_open",
+            "saga_id",
+            "step_idx",
+            "direction",
+            unique=True,
+            postgresql_where=text("status = 'open'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    saga_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("sagas.id", ondelete="CASCADE")
+    )
+    definition_name: Mapped[str] = mapped_column(Text)
+    step_idx: Mapped[int] = mapped_column(SmallInteger)
+    step_name: Mapped[str] = mapped_column(Text)
+    direction: Mapped[Direction] = mapped_column(status_enum(Direction, "direction"))
+    service: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    status: Mapped[DeadLetterStatus] = mapped_column(
+        status_enum(DeadLetterStatus, "dead_letter_status"),
+        server_default=DeadLetterStatus.OPEN.value,
+    )
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = tstz(default_now=True)
+    resolved_at: Mapped[datetime | None] = tstz(nullable=True)
+    resolved_by: Mapped[str | None] = mapped_column(Text)
+
+
+class AdminAudit(Base):
+    __tablename__ = "admin_audit"
+    __table_args__ = (Index("ix_admin_audit_at", text("at DESC")),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    at: Mapped[datetime] = tstz(default_now=True)
+    actor: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    target: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
