@@ -1,0 +1,10 @@
+# Thin wrappers around tasks.py, for those used to make.
+PYTHON ?= python3
+
+.PHONY: run test lint
+run:
+	$(PYTHON) tasks.py run
+test:
+	$(PYTHON) tasks.py test
+lint:
+	$(PYTHON) tasks.py lint

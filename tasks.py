@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Set up and run the project from a fresh clone, with nothing but Python >= 3.11.
+
+    python3 tasks.py run     # install into .venv, start the service on embedded PostgreSQL
+    python3 tasks.py test    # install into .venv, then ruff, mypy and pytest
+
+Everything the project needs is installed by this file into ./.venv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".installed"
+
+
+def _run(*cmd: str | Path, check: bool = True) -> int:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, check=check).returncode
+
+
+def ensure_venv() -> None:
+    """Create .venv and install the project with its dev tools when pyproject.toml changed."""
+    if sys.version_info < (3, 11):  # noqa: UP036 - this file runs before the venv exists
+        sys.exit(f"Python >= 3.11 is needed; this is {sys.version.split()[0]}")
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        return
+    if not (BIN / "python").exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    _run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    _run(BIN / "python", "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+    STAMP.write_text(digest)
+
+
+def cmd_run(args: list[str]) -> int:
+    ensure_venv()
+    return _run(BIN / "saga-orchestrator", *(args or ["serve"]), check=False)
+
+
+def cmd_lint(_: list[str]) -> int:
+    ensure_venv()
+    if _run(BIN / "ruff", "check", ".", check=False):
+        return 1
+    if _run(BIN / "ruff", "format", "--check", ".", check=False):
+        return 1
+    return _run(BIN / "mypy", check=False)
+
+
+def cmd_test(args: list[str]) -> int:
+    ensure_venv()
+    if cmd_lint([]):
+        print("lint or type check failed", file=sys.stderr)
+        return 1
+    return _run(BIN / "python", "-m", "pytest", *args, check=False)
+
+
+COMMANDS = {"run": cmd_run, "test": cmd_test, "lint": cmd_lint}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(__doc__)
+    sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
+
+
+if __name__ == "__main__":
+    main()
