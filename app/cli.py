@@ -69,6 +69,11 @@ def _serve(settings: Settings, database: Database, host: str, port: int, executo
     from app.main import create_app
 
     app = create_app(settings, database.url, run_executor=executor)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the
+    # handler that was installed before it: make that an orderly exit, so that the
+    # embedded database is stopped and the exit status is 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     log.info("listening", extra={"url": f"http://{host}:{port}", "executor": executor})
     uvicorn.run(
         app,
@@ -77,6 +82,10 @@ def _serve(settings: Settings, database: Database, host: str, port: int, executo
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
     )
+
+
+def _exit_cleanly(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 async def run_worker(settings: Settings, url: str) -> None:

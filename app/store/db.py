@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ def open_database(settings: Settings) -> Database:
     if settings.database_url:
         return Database(url=settings.database_url)
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            import pgserver
     except ImportError as exc:  # pragma: no cover - depends on the Python version
         raise SystemExit(
             "DATABASE_URL is not set and the embedded PostgreSQL (pgserver) is not available "
@@ -42,6 +45,7 @@ def open_database(settings: Settings) -> Database:
     data_dir = Path(settings.data_dir).resolve() / "pgdata"
     data_dir.mkdir(parents=True, exist_ok=True)
     log.info("starting embedded PostgreSQL", extra={"data_dir": str(data_dir)})
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     # "stop" stops the server on exit but keeps the data for the next start.
     server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     return Database(url=server.get_uri(), embedded=server)
