@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from app.api import health, problems, registry_routes, saga_routes
+from app.api import admin_routes, health, problems, registry_routes, saga_routes
 from app.api.auth import Tokens
 from app.api.context import AppContext
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from app.engine.executor import Executor
 from app.settings import Settings
+from app.store.admin import AdminStore
 from app.store.db import make_engine
 from app.store.listen import Listener, SagaWaiters
 from app.store.registry import Registry
@@ -53,6 +54,7 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
             registry=Registry(engine),
             sagas=SagaStore(engine),
             waiters=waiters,
+            admin=AdminStore(engine),
             tokens=tokens,
         )
         listener = Listener(
@@ -87,4 +89,5 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
     app.include_router(health.router)
     app.include_router(registry_routes.router)
     app.include_router(saga_routes.router)
+    app.include_router(admin_routes.router)
     return app

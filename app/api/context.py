@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api.auth import Tokens
 from app.settings import Settings
+from app.store.admin import AdminStore
 from app.store.listen import SagaWaiters
 from app.store.registry import Registry
 from app.store.sagas import SagaStore
@@ -22,6 +23,7 @@ class AppContext:
     registry: Registry
     sagas: SagaStore
     waiters: SagaWaiters
+    admin: AdminStore
     tokens: Tokens
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import re
 import uuid
 from datetime import datetime
@@ -62,6 +63,9 @@ async def start_saga(
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     traceparent: Annotated[str | None, Header()] = None,
+    fail_fast: Annotated[
+        bool, Query(description="503 instead of waiting when the first service's circuit is open")
+    ] = False,
 ) -> SagaOut:
     if idempotency_key is not None and not _KEY.match(idempotency_key):
         raise Problem(
@@ -87,6 +91,16 @@ async def start_saga(
                 {"loc": ["body", "definition"], "msg": "unknown definition", "type": "value_error"}
             ],
         )
+    first = definition.spec.steps[0].action.service
+    if fail_fast and first is not None:
+        wait = await ctx.admin.circuit_wait_seconds(first)
+        if wait is not None:
+            raise Problem(
+                503,
+                f"the circuit of service '{first}' is open; retry after {wait:.0f}s",
+                slug="circuit-open",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
     result, saga_id = await ctx.sagas.start(
         NewSaga(
             definition=definition,

@@ -147,3 +147,39 @@ class EventOut(BaseModel):
 
 def vars_of(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
+
+
+class DeadLetterOut(BaseModel):
+    id: uuid.UUID
+    saga_id: uuid.UUID
+    definition: str
+    step: str
+    direction: str
+    service: str | None
+    attempts: int
+    last_error: dict[str, Any] | None
+    request: dict[str, Any] | None
+    status: str
+    reason: str | None
+    created_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None
+
+    @classmethod
+    def of(cls, view: Any) -> DeadLetterOut:
+        fields = vars_of(view)
+        fields.pop("step_idx")
+        return cls(**fields)
+
+
+class DiscardRequest(Document):
+    reason: str = Field(min_length=1, max_length=1000, examples=["refunded by hand"])
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]

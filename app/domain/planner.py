@@ -33,6 +33,7 @@ class SagaState:
     steps: list[StepState]
     cancel_requested: bool = False
     deadline_at: datetime | None = None
+    waiting_on: str | None = None  # e.g. "circuit_open:payments" while a breaker holds it
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,14 @@ def plan(spec: DefinitionSpec, saga: SagaState, now: datetime) -> Next:
             return BeginCompensation(SagaError(None, ErrorKind.CANCELLED, "cancelled on request"))
         if can_unwind and saga.deadline_at is not None and now >= saga.deadline_at:
             current = next((s.name for s in saga.steps if s.status not in FORWARD_DONE), None)
+            if saga.waiting_on and not saga.waiting_on.startswith("bulkhead"):
+                return BeginCompensation(
+                    SagaError(
+                        current,
+                        ErrorKind.CIRCUIT_OPEN,
+                        f"deadline passed while waiting: {saga.waiting_on}",
+                    )
+                )
             return BeginCompensation(
                 SagaError(current, ErrorKind.DEADLINE, "the saga's timeout_seconds passed")
             )
@@ -116,6 +125,11 @@ def plan(spec: DefinitionSpec, saga: SagaState, now: datetime) -> Next:
             if needs_compensation(spec.steps[index], saga.steps[index]):
                 return Call(index, Direction.COMPENSATION)
         return Finish(SagaStatus.COMPENSATED)
+    if saga.status is SagaStatus.COMPLETED:
+        # An operator retried a dead-lettered non-critical step of a completed saga.
+        for index, state in enumerate(saga.steps):
+            if state.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                return Call(index, Direction.ACTION)
     return None
 
 
@@ -151,15 +165,15 @@ def after_attempt(
     if call.direction is Direction.COMPENSATION:
         return _after_compensation(step_spec, saga, attempt, outcome, retry_after, maybe_applied)
 
+    # A completed saga only runs steps again on an operator's retry; it stays completed.
+    goes_on = SagaStatus.COMPLETED if saga.status is SagaStatus.COMPLETED else SagaStatus.RUNNING
     if outcome.success:
-        return Transition(
-            StepStatus.SUCCEEDED, SagaStatus.RUNNING, continue_now=True, maybe_applied=True
-        )
+        return Transition(StepStatus.SUCCEEDED, goes_on, continue_now=True, maybe_applied=True)
     decision = decide_retry(step_spec.retry, attempt, outcome.retryable, retry_after)
     if decision.retry:
         return Transition(
             StepStatus.RUNNING,
-            SagaStatus.RUNNING,
+            goes_on,
             retry_in=decision.delay_seconds,
             maybe_applied=maybe_applied,
         )
@@ -167,15 +181,15 @@ def after_attempt(
     if step_spec.fallback is not None:
         return Transition(
             StepStatus.FALLBACK,
-            SagaStatus.RUNNING,
+            goes_on,
             use_fallback=True,
             continue_now=True,
             maybe_applied=maybe_applied,
         )
-    if not step_spec.critical:
+    if not step_spec.critical or saga.status is SagaStatus.COMPLETED:
         return Transition(
             StepStatus.FAILED,
-            SagaStatus.RUNNING,
+            goes_on,
             dead_letter=True,
             continue_now=True,
             maybe_applied=maybe_applied,

@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -33,6 +35,7 @@ from app.domain.planner import (
     StepState,
     Transition,
     after_attempt,
+    pivot_passed,
     plan,
 )
 from app.domain.states import AttemptOutcome, Direction, SagaStatus, StepStatus
@@ -40,12 +43,25 @@ from app.domain.templates import RenderContext, TemplateError
 from app.engine.failpoints import Failpoints
 from app.engine.requests import build_request
 from app.participants.client import HttpRequest, ParticipantClient
+from app.resilience.breaker import (
+    BULKHEAD_RECHECK_SECONDS,
+    Admission,
+    Breaker,
+    WaitReason,
+    admit,
+    after_call,
+    counts_as_failure,
+)
 from app.resilience.outcome import CallFailure, CallResult, Outcome, classify
 from app.settings import Settings
 from app.store.executor import (
+    BreakerUpdate,
     DeadLetterRecord,
+    Denied,
     EventRecord,
     ExecutorStore,
+    Gate,
+    Next,
     SagaWork,
     SagaWrite,
     StepWrite,
@@ -217,12 +233,14 @@ class Executor:
         if nxt is None:
             return False
         if isinstance(nxt, Finish):
-            await self._commit(work, SagaWrite(nxt.status), events=_finish_events(nxt.status))
+            await self._commit(
+                work, SagaWrite(nxt.status, Next.IDLE), events=_finish_events(nxt.status)
+            )
             return False
         if isinstance(nxt, BeginCompensation):
             await self._commit(
                 work,
-                SagaWrite(SagaStatus.COMPENSATING, error=nxt.error.as_json(), keep_lease=True),
+                SagaWrite(SagaStatus.COMPENSATING, Next.CONTINUE, error=nxt.error.as_json()),
                 events=(
                     EventRecord(
                         "compensation_started",
@@ -262,10 +280,17 @@ class Executor:
         except TemplateError as exc:
             template_error = str(exc)
 
+        gate = None
+        if service is not None and call_spec.service is not None:
+            gate = self._gate(call_spec.service, service, work, spec, forward)
         prior_maybe_applied = row.maybe_applied
-        attempt = await self.store.start_attempt(work, call.index, call.direction, row.name)
+        attempt = await self.store.start_attempt(work, call.index, call.direction, row.name, gate)
         if attempt is None:
             raise LeaseLost
+        if isinstance(attempt, Denied):
+            # Breaker open or bulkhead full: no call, no attempt spent; the row is due later.
+            self._wake_at(max(0.0, (attempt.retry_at - work.db_now).total_seconds()))
+            return False
         if forward:
             row.status, row.attempts, row.maybe_applied = StepStatus.RUNNING, attempt, True
         else:
@@ -286,11 +311,26 @@ class Executor:
         state = _state(work)
         state.steps[call.index].maybe_applied = prior_maybe_applied
         transition = after_attempt(spec, state, call, attempt, outcome, result.retry_after)
-        await self._record(
-            work, spec, call, attempt, result, outcome, transition, request, service, started
+        breaker = None
+        if gate is not None and service is not None and result.failure is not CallFailure.TEMPLATE:
+            failed = counts_as_failure(outcome)
+            config = service.circuit_breaker
+            breaker = BreakerUpdate(gate.service, lambda b, now: after_call(config, b, now, failed))
+        more = await self._record(
+            work,
+            spec,
+            call,
+            attempt,
+            result,
+            outcome,
+            transition,
+            request,
+            service,
+            started,
+            breaker,
         )
         self.failpoints.hit("after_commit")
-        return transition.continue_now and not work.status.terminal
+        return more
 
     async def _record(
         self,
@@ -304,7 +344,8 @@ class Executor:
         request: HttpRequest | None,
         service: ServiceSpec | None,
         started: float,
-    ) -> None:
+        breaker: BreakerUpdate | None,
+    ) -> bool:
         """Commit an attempt's outcome, the step's and saga's new state, and what is next."""
         step_spec = spec.steps[call.index]
         row = work.steps[call.index]
@@ -368,17 +409,24 @@ class Executor:
                 )
             )
         saga_status = transition.saga_status
-        if transition.continue_now:
+        delay = 0.0
+        if transition.retry_in is not None:
+            next_step = Next.LATER
+            delay = transition.retry_in
+            if work.deadline_at is not None and forward:
+                elapsed = duration_ms / 1000
+                until_deadline = (work.deadline_at - work.db_now).total_seconds() - elapsed
+                delay = max(0.0, min(delay, until_deadline))
+        elif transition.continue_now:
             follow = plan(spec, _state(work), work.db_now)
             if isinstance(follow, Finish):
-                saga_status = follow.status
-        if saga_status.terminal:
+                saga_status, next_step = follow.status, Next.IDLE
+            else:
+                next_step = Next.IDLE if follow is None else Next.CONTINUE
+        else:
+            next_step = Next.IDLE
+        if saga_status.terminal and old_status is not saga_status:
             events.extend(_finish_events(saga_status))
-
-        delay = transition.retry_in or 0.0
-        if transition.retry_in is not None and work.deadline_at is not None and forward:
-            until_deadline = (work.deadline_at - work.db_now).total_seconds() - duration_ms / 1000
-            delay = max(0.0, min(delay, until_deadline))
         dead_letter = None
         if transition.dead_letter:
             dead_letter = DeadLetterRecord(
@@ -398,8 +446,8 @@ class Executor:
             work,
             SagaWrite(
                 saga_status,
+                next_step,
                 error=transition.saga_error.as_json() if transition.saga_error else None,
-                keep_lease=transition.continue_now and not saga_status.terminal,
                 delay_seconds=delay,
             ),
             step=StepWrite(
@@ -415,10 +463,12 @@ class Executor:
             ),
             events=tuple(events),
             dead_letter=dead_letter,
+            breaker=breaker,
         )
         work.status = saga_status
-        if transition.retry_in is not None and delay < self.settings.poll_interval_seconds:
-            asyncio.get_running_loop().call_later(delay, self._wake.set)
+        if next_step is Next.LATER:
+            self._wake_at(delay)
+        return next_step is Next.CONTINUE
 
     async def _commit(
         self,
@@ -427,12 +477,40 @@ class Executor:
         step: StepWrite | None = None,
         events: tuple[EventRecord, ...] = (),
         dead_letter: DeadLetterRecord | None = None,
+        breaker: BreakerUpdate | None = None,
     ) -> None:
-        committed = await self.store.commit(work, saga, step, events, dead_letter)
+        committed = await self.store.commit(work, saga, step, events, dead_letter, breaker)
         if committed is None:
             raise LeaseLost
         work.cancel_requested = committed.cancel_requested
         work.db_now = committed.db_now
+
+    def _wake_at(self, delay: float) -> None:
+        """Look for due work again when a saga we just scheduled becomes due."""
+        if delay < self.settings.poll_interval_seconds:
+            asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    def _gate(
+        self,
+        name: str,
+        service: ServiceSpec,
+        work: SagaWork,
+        spec: DefinitionSpec,
+        forward: bool,
+    ) -> Gate:
+        """Breaker and bulkhead admission for a call to `name`, with jittered rechecks."""
+        config = service.circuit_breaker
+        limit = service.max_concurrency
+
+        def decide(breaker: Breaker, now: datetime, live: int, probes: int) -> Admission:
+            admission = admit(config, breaker, now, live, probes, limit)
+            if admission.retry_at is not None and admission.wait is not WaitReason.CIRCUIT_OPEN:
+                jitter = timedelta(seconds=random.uniform(0, BULKHEAD_RECHECK_SECONDS))
+                admission = replace(admission, retry_at=admission.retry_at + jitter)
+            return admission
+
+        unwindable = forward and not pivot_passed(spec, _state(work))
+        return Gate(name, decide, work.deadline_at if unwindable else None)
 
     async def _with_lease(self, work: SagaWork, call: Awaitable[T]) -> T:
         """Await a participant call, renewing the lease while it is in flight."""
@@ -479,6 +557,7 @@ def _state(work: SagaWork) -> SagaState:
         ],
         cancel_requested=work.cancel_requested,
         deadline_at=work.deadline_at,
+        waiting_on=work.waiting_on,
     )
 
 

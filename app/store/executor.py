@@ -8,14 +8,24 @@ clock (`now()`), never from the process.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.domain.states import AttemptOutcome, Direction, ErrorKind, SagaStatus, StepStatus
+from app.domain.states import (
+    AttemptOutcome,
+    CircuitState,
+    Direction,
+    ErrorKind,
+    SagaStatus,
+    StepStatus,
+)
+from app.resilience.breaker import Admission, Breaker, WaitReason
 from app.store.sagas import SAGA_DONE_CHANNEL
 
 _CLAIM = text(
@@ -38,7 +48,7 @@ _CLAIM = text(
 _LOAD_SAGA = text(
     """
     SELECT id, definition_id, status, input, idempotency_key, deadline_at, cancel_requested,
-           request_id, traceparent, lease_owner, lease_epoch, now() AS db_now
+           request_id, traceparent, lease_owner, lease_epoch, waiting_on, now() AS db_now
       FROM sagas WHERE id = :id
     """
 )
@@ -60,12 +70,46 @@ _RENEW = text(
     """
 )
 
+_LOCK_BREAKER = text(
+    """
+    SELECT cb.state, cb.consecutive_failures, cb.opened_at, now() AS db_now,
+           (SELECT count(*) FROM sagas
+             WHERE inflight_service = :service AND lease_expires_at > now()
+               AND id <> :id) AS live_calls,
+           (SELECT count(*) FROM sagas
+             WHERE inflight_service = :service AND inflight_probe
+               AND lease_expires_at > now() AND id <> :id) AS live_probes
+      FROM circuit_breakers AS cb WHERE cb.service = :service
+       FOR UPDATE OF cb
+    """
+)
+
+_WRITE_BREAKER = text(
+    """
+    UPDATE circuit_breakers SET state = :state, consecutive_failures = :failures,
+                                opened_at = :opened_at, updated_at = now()
+     WHERE service = :service
+    """
+)
+
+_WAIT = text(
+    """
+    UPDATE sagas SET due_at = :due, lease_owner = NULL, lease_expires_at = NULL,
+                     inflight_service = NULL, inflight_probe = false, waiting_on = :reason
+     WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
+    RETURNING id
+    """
+)
+
 _START_ATTEMPT = text(
     """
     WITH fenced AS (
       UPDATE sagas SET lease_expires_at = now() + make_interval(secs => :lease),
                        due_at = now() + make_interval(secs => :lease),
-                       updated_at = now()
+                       updated_at = now(),
+                       inflight_service = :service,
+                       inflight_probe = :probe,
+                       waiting_on = NULL
        WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
       RETURNING id
     )
@@ -87,14 +131,17 @@ _FINISH_SAGA_ROW = text(
        SET status = :status,
            error = coalesce(CAST(:error AS jsonb), error),
            updated_at = now(),
-           finished_at = CASE WHEN :terminal THEN now() ELSE NULL END,
-           due_at = CASE WHEN :terminal THEN NULL
-                         WHEN :keep THEN now() + make_interval(secs => :lease)
+           finished_at = CASE WHEN :terminal THEN coalesce(finished_at, now()) ELSE NULL END,
+           due_at = CASE WHEN :keep THEN now() + make_interval(secs => :lease)
                          WHEN cancel_requested AND status = 'running' THEN now()
+                         WHEN :idle THEN NULL
                          ELSE now() + make_interval(secs => :delay) END,
            lease_owner = CASE WHEN :keep THEN lease_owner ELSE NULL END,
            lease_expires_at = CASE WHEN :keep THEN now() + make_interval(secs => :lease)
-                                   ELSE NULL END
+                                   ELSE NULL END,
+           inflight_service = NULL,
+           inflight_probe = false,
+           waiting_on = :waiting_on
      WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
     RETURNING cancel_requested, now() AS db_now
     """
@@ -162,6 +209,7 @@ class SagaWork:
     request_id: str | None
     traceparent: str | None
     db_now: datetime
+    waiting_on: str | None = None
     steps: list[StepRow] = field(default_factory=list)
 
 
@@ -202,14 +250,48 @@ class StepWrite:
     done: bool
 
 
+class Next(StrEnum):
+    """What follows a commit."""
+
+    CONTINUE = "continue"  # this worker goes straight on with the saga (keeps the lease)
+    LATER = "later"  # released; due again after `delay_seconds`
+    IDLE = "idle"  # released; nothing is due (terminal)
+
+
 @dataclass(frozen=True, slots=True)
 class SagaWrite:
     """The saga row after a commit: status, and when it is next due."""
 
     status: SagaStatus
+    next: Next
     error: dict[str, Any] | None = None
-    keep_lease: bool = False  # the worker goes straight on with this saga
-    delay_seconds: float = 0.0  # when released and not terminal: due after this
+    delay_seconds: float = 0.0
+    waiting_on: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Breaker and bulkhead admission for a call to `service`, decided under its row lock."""
+
+    service: str
+    decide: Callable[[Breaker, datetime, int, int], Admission]
+    latest_due: datetime | None = None  # wake no later than this (the saga's deadline)
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    """The call was not made: the saga waits until `retry_at`, no attempt spent."""
+
+    reason: WaitReason
+    retry_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerUpdate:
+    """After a call: the new breaker state, computed from the locked current one."""
+
+    service: str
+    apply: Callable[[Breaker, datetime], Breaker]
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +340,7 @@ class ExecutorStore:
             request_id=row.request_id,
             traceparent=row.traceparent,
             db_now=row.db_now,
+            waiting_on=row.waiting_on,
             steps=[
                 StepRow(
                     idx=s.idx,
@@ -284,12 +367,46 @@ class ExecutorStore:
         return row is not None
 
     async def start_attempt(
-        self, work: SagaWork, idx: int, direction: Direction, step_name: str
-    ) -> int | None:
-        """Record an attempt as started (before the call); its number, or None if fenced out."""
+        self,
+        work: SagaWork,
+        idx: int,
+        direction: Direction,
+        step_name: str,
+        gate: Gate | None = None,
+    ) -> int | Denied | None:
+        """Record an attempt as started, before the call.
+
+        Returns its number; `Denied` when the service's breaker or bulkhead turns the
+        call away (the saga is rescheduled, no attempt spent); None if fenced out.
+        """
         forward = direction is Direction.ACTION
         status = StepStatus.RUNNING if forward else StepStatus.COMPENSATING
         async with self.engine.begin() as conn:
+            probe = False
+            if gate is not None:
+                admission = await self._admit(conn, work, gate)
+                if not admission.admitted:
+                    assert admission.wait is not None and admission.retry_at is not None
+                    due = admission.retry_at
+                    if gate.latest_due is not None:
+                        due = min(due, gate.latest_due)
+                    waited = (
+                        await conn.execute(
+                            _WAIT,
+                            {
+                                "id": work.id,
+                                "worker": self.worker,
+                                "epoch": work.epoch,
+                                "due": due,
+                                "reason": f"{admission.wait.value}:{gate.service}",
+                            },
+                        )
+                    ).first()
+                    if waited is None:
+                        await conn.rollback()
+                        return None
+                    return Denied(admission.wait, due)
+                probe = admission.probe
             row = (
                 await conn.execute(
                     _START_ATTEMPT,
@@ -301,6 +418,8 @@ class ExecutorStore:
                         "status": status.value,
                         "forward": forward,
                         "idx": idx,
+                        "service": gate.service if gate else None,
+                        "probe": probe,
                     },
                 )
             ).first()
@@ -328,6 +447,7 @@ class ExecutorStore:
         step: StepWrite | None = None,
         events: tuple[EventRecord, ...] = (),
         dead_letter: DeadLetterRecord | None = None,
+        breaker: BreakerUpdate | None = None,
     ) -> Committed | None:
         """Commit an outcome and everything it leads to in one transaction.
 
@@ -335,6 +455,14 @@ class ExecutorStore:
         """
         terminal = saga.status.terminal
         async with self.engine.begin() as conn:
+            if breaker is not None:
+                # Lock the breaker first, in the same order as start_attempt does.
+                current = await self._lock_breaker(conn, work.id, breaker.service)
+                if current is not None:
+                    snapshot, db_now = current[0], current[1]
+                    updated = breaker.apply(snapshot, db_now)
+                    if updated != snapshot:
+                        await self._write_breaker(conn, breaker.service, updated)
             row = (
                 await conn.execute(
                     _FINISH_SAGA_ROW,
@@ -345,9 +473,11 @@ class ExecutorStore:
                         "status": saga.status.value,
                         "error": _json(saga.error),
                         "terminal": terminal,
-                        "keep": saga.keep_lease and not terminal,
+                        "keep": saga.next is Next.CONTINUE,
+                        "idle": saga.next is Next.IDLE,
                         "lease": self.lease,
                         "delay": max(saga.delay_seconds, 0.0),
+                        "waiting_on": saga.waiting_on,
                     },
                 )
             ).first()
@@ -387,11 +517,41 @@ class ExecutorStore:
                         "request": _json(dead_letter.request),
                     },
                 )
-            if terminal:
+            if terminal and saga.next is Next.IDLE:
                 await conn.execute(
                     text("SELECT pg_notify(:c, :id)"), {"c": SAGA_DONE_CHANNEL, "id": str(work.id)}
                 )
         return Committed(cancel_requested=bool(row.cancel_requested), db_now=row.db_now)
+
+    async def _lock_breaker(
+        self, conn: AsyncConnection, saga_id: uuid.UUID, service: str
+    ) -> tuple[Breaker, datetime, int, int] | None:
+        row = (await conn.execute(_LOCK_BREAKER, {"service": service, "id": saga_id})).first()
+        if row is None:
+            return None
+        snapshot = Breaker(CircuitState(row.state), row.consecutive_failures, row.opened_at)
+        return snapshot, row.db_now, int(row.live_calls), int(row.live_probes)
+
+    async def _write_breaker(self, conn: AsyncConnection, service: str, breaker: Breaker) -> None:
+        await conn.execute(
+            _WRITE_BREAKER,
+            {
+                "service": service,
+                "state": breaker.state.value,
+                "failures": breaker.consecutive_failures,
+                "opened_at": breaker.opened_at,
+            },
+        )
+
+    async def _admit(self, conn: AsyncConnection, work: SagaWork, gate: Gate) -> Admission:
+        current = await self._lock_breaker(conn, work.id, gate.service)
+        if current is None:  # no breaker row (service deleted): let the call fail on its own
+            return Admission(True, Breaker(CircuitState.CLOSED, 0, None))
+        snapshot, db_now, live_calls, live_probes = current
+        admission = gate.decide(snapshot, db_now, live_calls, live_probes)
+        if admission.breaker != snapshot:
+            await self._write_breaker(conn, gate.service, admission.breaker)
+        return admission
 
     async def release(self, saga_id: uuid.UUID, epoch: int) -> None:
         """Give a saga back (shutdown): due again at once for another worker."""
@@ -399,7 +559,8 @@ class ExecutorStore:
             await conn.execute(
                 text(
                     """
-                    UPDATE sagas SET lease_owner = NULL, lease_expires_at = NULL, due_at = now()
+                    UPDATE sagas SET lease_owner = NULL, lease_expires_at = NULL, due_at = now(),
+                                     inflight_service = NULL, inflight_probe = false
                      WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
                     """
                 ),

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.definition import DefinitionSpec, ServiceSpec
 from app.domain.states import CircuitState
-from app.store.tables import CircuitBreaker, Definition, Service
+from app.store.tables import CircuitBreaker, Definition, Saga, Service
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +74,22 @@ def _definition_record(row: Any) -> DefinitionRecord:
     )
 
 
+# Calls in flight to a service: sagas whose current call targets it under a live lease.
+_IN_FLIGHT = (
+    select(func.count())
+    .select_from(Saga)
+    .where(Saga.inflight_service == Service.name, Saga.lease_expires_at > func.now())
+    .correlate(Service)
+    .scalar_subquery()
+    .label("in_flight")
+)
+
 _SERVICE_COLUMNS = (
     Service,
     CircuitBreaker.state,
     CircuitBreaker.consecutive_failures,
     CircuitBreaker.opened_at,
-    CircuitBreaker.in_flight,
+    _IN_FLIGHT,
 )
 
 

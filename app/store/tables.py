@@ -90,7 +90,11 @@ class Service(Base):
 
 
 class CircuitBreaker(Base):
-    """Shared breaker and bulkhead state of one service, seen by every executor process."""
+    """Shared breaker state of one service, seen by every executor process.
+
+    In-flight calls are not counted here but in `sagas.inflight_service` under a live
+    lease, so that a crashed process cannot leak a slot.
+    """
 
     __tablename__ = "circuit_breakers"
 
@@ -102,8 +106,6 @@ class CircuitBreaker(Base):
     )
     consecutive_failures: Mapped[int] = mapped_column(Integer, server_default="0")
     opened_at: Mapped[datetime | None] = tstz(nullable=True)
-    half_open_in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
-    in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
     updated_at: Mapped[datetime] = tstz(default_now=True)
 
 
@@ -130,6 +132,11 @@ class Saga(Base):
         Index("ix_sagas_status_created", "status", text("created_at DESC")),
         Index("ix_sagas_definition_created", "definition_name", text("created_at DESC")),
         Index("ix_sagas_idempotency_key", "idempotency_key"),
+        Index(
+            "ix_sagas_inflight_service",
+            "inflight_service",
+            postgresql_where=text("inflight_service IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -151,6 +158,11 @@ class Saga(Base):
     lease_owner: Mapped[str | None] = mapped_column(Text)
     lease_epoch: Mapped[int] = mapped_column(BigInteger, server_default="0")
     lease_expires_at: Mapped[datetime | None] = tstz(nullable=True)
+    # The service this saga's current call is in flight to (bulkhead and probe counting).
+    inflight_service: Mapped[str | None] = mapped_column(Text)
+    inflight_probe: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Why a due saga is not being called (circuit open, bulkhead full), for operators.
+    waiting_on: Mapped[str | None] = mapped_column(Text)
 
 
 class SagaStep(Base):
