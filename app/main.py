@@ -21,6 +21,9 @@ from app.store.db import make_engine
 from app.store.listen import Listener, SagaWaiters
 from app.store.registry import Registry
 from app.store.sagas import SAGA_DONE_CHANNEL, SagaStore
+from app.store.stats import StatsStore
+from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ def resolve_tokens(settings: Settings) -> Tokens:
 def create_app(settings: Settings, database_url: str, run_executor: bool = False) -> FastAPI:
     """The ASGI app; with `run_executor` it also drives sagas in this process."""
     tokens = resolve_tokens(settings)
+    metrics = Metrics()
+    tracing = Tracing(settings.otlp_endpoint)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,6 +60,8 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
             sagas=SagaStore(engine),
             waiters=waiters,
             admin=AdminStore(engine),
+            stats=StatsStore(engine),
+            metrics=metrics,
             tokens=tokens,
         )
         listener = Listener(
@@ -64,7 +71,7 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
         stop = asyncio.Event()
         executor_task = None
         if run_executor:
-            executor = Executor(engine, settings, database_url)
+            executor = Executor(engine, settings, database_url, metrics=metrics, tracing=tracing)
             executor_task = asyncio.create_task(executor.run(stop), name="executor")
         try:
             yield
@@ -76,6 +83,7 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await engine.dispose()
+            tracing.shutdown()
 
     app = FastAPI(
         title="Saga orchestrator",

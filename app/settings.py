@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,15 +33,9 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, alias="SAGA_SHUTDOWN_GRACE")
     idempotency_ttl_hours: float = Field(default=24.0, gt=0, alias="SAGA_IDEMPOTENCY_TTL_HOURS")
     db_pool_size: int = Field(default=10, ge=1, le=200, alias="SAGA_DB_POOL_SIZE")
+    otlp_endpoint: str | None = Field(default=None, alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     # Test-only: the name of a point where the process kills itself (crash tests).
     failpoint: str | None = Field(default=None, alias="SAGA_FAILPOINT")
-
-    @field_validator("database_url")
-    @classmethod
-    def _normalise_url(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        return value
 
     @property
     def allowed_host_patterns(self) -> list[str]:

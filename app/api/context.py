@@ -14,6 +14,8 @@ from app.store.admin import AdminStore
 from app.store.listen import SagaWaiters
 from app.store.registry import Registry
 from app.store.sagas import SagaStore
+from app.store.stats import StatsStore
+from app.telemetry.metrics import Metrics
 
 
 @dataclass
@@ -24,6 +26,8 @@ class AppContext:
     sagas: SagaStore
     waiters: SagaWaiters
     admin: AdminStore
+    stats: StatsStore
+    metrics: Metrics
     tokens: Tokens
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from app.api.context import Ctx
@@ -43,3 +44,9 @@ async def readyz(ctx: Ctx) -> Any:
             headers={"Retry-After": "5"},
         )
     return JSONResponse({"status": "ready", "schema": current})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(ctx: Ctx) -> Response:
+    shared = await ctx.stats.shared_figures()
+    return Response(ctx.metrics.render(shared), media_type=CONTENT_TYPE_LATEST)

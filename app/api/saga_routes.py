@@ -118,6 +118,8 @@ async def start_saga(
             "this Idempotency-Key was used with a different definition or input",
             slug="idempotency-key-reused",
         )
+    if result is StartResult.CREATED:
+        ctx.metrics.sagas_started.labels(definition.name).inc()
     response.headers["Location"] = f"/v1/sagas/{saga_id}"
     if result is StartResult.REPLAYED:
         response.status_code = 200

@@ -69,6 +69,8 @@ from app.store.executor import (
 from app.store.listen import Listener
 from app.store.registry import Registry
 from app.store.sagas import SAGA_WORK_CHANNEL
+from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,8 +113,12 @@ class Executor:
         url: str,
         worker_id: str | None = None,
         client: ParticipantClient | None = None,
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.tracing = tracing or Tracing()
         self.worker_id = worker_id or new_worker_id()
         self.store = ExecutorStore(engine, self.worker_id, settings.lease_seconds)
         self.registry = Registry(engine)
@@ -298,15 +304,51 @@ class Executor:
             self.failpoints.hit("mid_compensation")
         self.failpoints.hit("before_send")
 
+        service_label = call_spec.service or "(url)"
+        call_started = time.monotonic()
         if request is None:
             result = CallResult(failure=CallFailure.TEMPLATE, message=template_error or "")
         else:
             request.headers["X-Saga-Attempt"] = str(attempt)
-            result = await self._with_lease(work, self.client.call(request))
+            attributes: dict[str, str | int] = {
+                "saga.id": str(work.id),
+                "saga.step": step_spec.name,
+                "saga.direction": call.direction.value,
+                "saga.attempt": attempt,
+            }
+            self.metrics.local_in_flight.inc()
+            try:
+                with self.tracing.call_span(
+                    work.traceparent, f"{step_spec.name} {call.direction.value}", attributes
+                ) as trace_headers:
+                    request.headers.update(trace_headers)
+                    result = await self._with_lease(work, self.client.call(request))
+            finally:
+                self.metrics.local_in_flight.dec()
+        call_seconds = time.monotonic() - call_started
         self.failpoints.hit("after_send_before_commit")
 
         retry_policy = step_spec.retry if forward else step_spec.compensation_retry
         outcome = classify(result, retry_policy.retry_on_status)
+        outcome_label = (
+            "succeeded" if outcome.success else ("retryable" if outcome.retryable else "failed")
+        )
+        self.metrics.attempts.labels(service_label, call.direction.value, outcome_label).inc()
+        self.metrics.latency.labels(service_label, call.direction.value).observe(call_seconds)
+        log.info(
+            "attempt",
+            extra={
+                "saga_id": str(work.id),
+                "step": step_spec.name,
+                "direction": call.direction.value,
+                "attempt": attempt,
+                "service": service_label,
+                "outcome": outcome_label,
+                "status_code": result.status_code,
+                "error_kind": outcome.error_kind.value if outcome.error_kind else None,
+                "duration_ms": round(call_seconds * 1000, 2),
+            },
+        )
         # The planner judges from the state before start_attempt's pessimistic mark.
         state = _state(work)
         state.steps[call.index].maybe_applied = prior_maybe_applied
@@ -482,6 +524,8 @@ class Executor:
         committed = await self.store.commit(work, saga, step, events, dead_letter, breaker)
         if committed is None:
             raise LeaseLost
+        if any(e.type == f"saga_{saga.status.value}" for e in events):
+            self.metrics.sagas_finished.labels(work.definition_name, saga.status.value).inc()
         work.cancel_requested = committed.cancel_requested
         work.db_now = committed.db_now
 

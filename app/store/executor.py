@@ -47,8 +47,8 @@ _CLAIM = text(
 
 _LOAD_SAGA = text(
     """
-    SELECT id, definition_id, status, input, idempotency_key, deadline_at, cancel_requested,
-           request_id, traceparent, lease_owner, lease_epoch, waiting_on, now() AS db_now
+    SELECT id, definition_id, definition_name, status, input, idempotency_key, deadline_at,
+           cancel_requested, request_id, traceparent, lease_owner, lease_epoch, waiting_on, now() AS db_now
       FROM sagas WHERE id = :id
     """
 )
@@ -201,6 +201,7 @@ class SagaWork:
     id: uuid.UUID
     epoch: int
     definition_id: int
+    definition_name: str
     status: SagaStatus
     input: Any
     idempotency_key: str | None
@@ -332,6 +333,7 @@ class ExecutorStore:
             id=row.id,
             epoch=epoch,
             definition_id=row.definition_id,
+            definition_name=row.definition_name,
             status=SagaStatus(row.status),
             input=row.input,
             idempotency_key=row.idempotency_key,

@@ -1,0 +1,1 @@
+"""Metrics, per-attempt logs and trace propagation."""
