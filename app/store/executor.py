@@ -48,7 +48,8 @@ _CLAIM = text(
 _LOAD_SAGA = text(
     """
     SELECT id, definition_id, definition_name, status, input, idempotency_key, deadline_at,
-           cancel_requested, request_id, traceparent, lease_owner, lease_epoch, waiting_on, now() AS db_now
+           cancel_requested, request_id, traceparent, lease_owner, lease_epoch, waiting_on,
+           now() AS db_now
       FROM sagas WHERE id = :id
     """
 )
