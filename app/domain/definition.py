@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -58,8 +59,8 @@ def check_json(value: Any, where: str = "body", depth: int = 0) -> None:
         for key, item in value.items():
             check_json(key, where, depth + 1)
             check_json(item, where, depth + 1)
-    elif isinstance(value, float) and value != value:  # NaN
-        raise ValueError(f"{where} contains NaN, which is not JSON")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} contains {value}, which is not a JSON number")
 
 
 class Document(BaseModel):
@@ -136,13 +137,27 @@ def host_allowed(url: str, patterns: list[str]) -> bool:
     for pattern in patterns:
         if pattern == "*":
             return True
-        if ":" in pattern and not pattern.startswith("["):
-            pat_host, _, pat_port = pattern.rpartition(":")
-            if fnmatchcase(host, pat_host) and (pat_port == "*" or pat_port == str(port)):
+        pat_host, pat_port = _split_pattern(pattern)
+        if pat_port is not None and pat_port not in ("*", str(port)):
+            continue
+        if pat_host.startswith("["):  # a literal IPv6 address: no wildcards
+            if pat_host[1:-1] == host:
                 return True
-        elif fnmatchcase(host, pattern):
+        elif fnmatchcase(host, pat_host):
             return True
     return False
+
+
+def _split_pattern(pattern: str) -> tuple[str, str | None]:
+    """`host`, `host:port`, `[v6]` or `[v6]:port` -> (host, port or None)."""
+    if pattern.startswith("["):
+        end = pattern.find("]")
+        rest = pattern[end + 1 :]
+        return pattern[: end + 1], (rest[1:] if rest.startswith(":") else None)
+    if ":" in pattern:
+        host, _, port = pattern.rpartition(":")
+        return host, port
+    return pattern, None
 
 
 class RetryPolicy(Document):
@@ -296,7 +311,8 @@ def _check_call(
                 f"unknown service '{call.service}': register it first (PUT /v1/services/…)",
             )
         )
-    for part, value in (("path", call.path), ("headers", call.headers), ("body", call.body)):
+    parts = (("url", call.url), ("path", call.path), ("headers", call.headers), ("body", call.body))
+    for part, value in parts:
         try:
             refs = list(iter_refs(value))
         except TemplateError as exc:
@@ -314,4 +330,4 @@ def _check_call(
 
 
 def is_name(value: str) -> bool:
-    return bool(_NAME.match(value))
+    return _NAME.fullmatch(value) is not None

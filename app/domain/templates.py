@@ -112,7 +112,8 @@ def resolve(ref: Ref, ctx: RenderContext) -> JSON:
     return current
 
 
-def _as_text(value: JSON) -> str:
+def as_text(value: JSON) -> str:
+    """How a non-string value reads inside text: compact JSON."""
     if isinstance(value, str):
         return value
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -124,7 +125,7 @@ def render(value: JSON, ctx: RenderContext) -> JSON:
         whole = _REF.fullmatch(value)
         if whole:
             return resolve(parse_ref(whole.group(1)), ctx)
-        return _REF.sub(lambda m: _as_text(resolve(parse_ref(m.group(1)), ctx)), value)
+        return _REF.sub(lambda m: as_text(resolve(parse_ref(m.group(1)), ctx)), value)
     if isinstance(value, list):
         return [render(item, ctx) for item in value]
     if isinstance(value, dict):

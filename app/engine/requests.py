@@ -6,9 +6,15 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from app.domain.definition import DEFAULT_STEP_TIMEOUT, CallSpec, ServiceSpec, host_allowed
+from app.domain.definition import (
+    DEFAULT_STEP_TIMEOUT,
+    CallSpec,
+    ServiceSpec,
+    check_http_url,
+    host_allowed,
+)
 from app.domain.states import Direction
-from app.domain.templates import RenderContext, TemplateError, render
+from app.domain.templates import RenderContext, TemplateError, as_text, render
 from app.participants.client import HttpRequest
 
 
@@ -37,11 +43,19 @@ def build_request(
         if service is None:
             raise TemplateError(f"service '{call.service}' is not registered")
         url = service.base_url + str(render(call.path, context))
-    if not host_allowed(url, allowed_hosts):
+    try:
+        check_http_url(url, "the rendered url")
+        allowed = host_allowed(url, allowed_hosts)
+    except ValueError as exc:
+        raise TemplateError(str(exc)) from None
+    if not allowed:
         raise TemplateError(f"host of {url!r} is not in SAGA_ALLOWED_HOSTS")
     rendered_headers: Any = render(call.headers, context)
-    headers: dict[str, str] = dict(service.headers) if service else {}
-    headers.update({str(k): _header_text(v) for k, v in rendered_headers.items()})
+    step_headers = {str(k): _header_text(v) for k, v in rendered_headers.items()}
+    overridden = {k.lower() for k in step_headers}
+    service_headers = service.headers if service else {}
+    headers = {k: v for k, v in service_headers.items() if k.lower() not in overridden}
+    headers.update(step_headers)
     headers.update(
         {
             "Content-Type": "application/json",
@@ -64,7 +78,7 @@ def build_request(
 
 
 def _header_text(value: Any) -> str:
-    text = value if isinstance(value, str) else str(value)
+    text = as_text(value)
     if any(ord(c) < 0x20 for c in text):
         raise TemplateError("a rendered header value contains control characters")
     return text
