@@ -8,12 +8,14 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
 
 from app.api import admin_routes, health, problems, registry_routes, saga_routes
 from app.api.auth import Tokens
 from app.api.context import AppContext
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.dashboard import routes as dashboard_routes
 from app.engine.executor import Executor
 from app.settings import Settings
 from app.store.admin import AdminStore
@@ -98,4 +100,11 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
     app.include_router(registry_routes.router)
     app.include_router(saga_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(dashboard_routes.api)
+    app.include_router(dashboard_routes.pages)
+
+    @app.exception_handler(dashboard_routes.LoginRequired)
+    async def _to_login(_request: Request, _exc: Exception) -> Response:
+        return RedirectResponse("/admin/login", status_code=303)
+
     return app

@@ -17,6 +17,11 @@ class Tokens:
     admin: str
 
     @staticmethod
+    def matches(given: str, expected: str | None) -> bool:
+        """Constant-time comparison; never equal to an unset token."""
+        return _matches(given, expected)
+
+    @staticmethod
     def token_id(token: str) -> str:
         """A short, non-secret name for a token, for the audit log."""
         return "tok_" + hashlib.sha256(token.encode()).hexdigest()[:10]

@@ -284,3 +284,29 @@ class SagaStore:
                 return CancelResult.ACCEPTED
             exists = (await conn.execute(select(Saga.id).where(Saga.id == saga_id))).first()
         return CancelResult.TERMINAL if exists else CancelResult.NOT_FOUND
+
+    async def schedule(self, saga_id: uuid.UUID) -> dict[str, Any] | None:
+        """Executor-side fields, for explaining what a saga waits for."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT due_at, waiting_on, lease_owner, lease_expires_at, now() AS db_now "
+                        "FROM sagas WHERE id = :id"
+                    ),
+                    {"id": saga_id},
+                )
+            ).first()
+        return dict(row._mapping) if row else None
+
+    async def find_by_key(self, key: str) -> uuid.UUID | None:
+        async with self.engine.connect() as conn:
+            value: uuid.UUID | None = (
+                await conn.execute(
+                    select(Saga.id)
+                    .where(Saga.idempotency_key == key)
+                    .order_by(Saga.created_at.desc())
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+        return value

@@ -1,0 +1,1 @@
+"""The operator dashboard: Jinja2 pages over the same stores the API uses."""

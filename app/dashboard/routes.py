@@ -1,0 +1,205 @@
+"""Dashboard pages under /admin. Thin: each route asks `Dashboard` or an admin store."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from app.api.auth import Tokens, require_admin
+from app.api.context import AppContext, Ctx
+from app.dashboard import auth
+from app.dashboard.service import Dashboard
+from app.domain.definition import NAME_PATTERN
+from app.domain.states import DeadLetterStatus, SagaStatus
+
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+pages = APIRouter(prefix="/admin", include_in_schema=False)
+api = APIRouter(prefix="/v1/admin")
+REFRESH_SECONDS = 5
+
+
+class LoginRequired(Exception):
+    """Raised by `session` when there is no valid cookie: answered with a redirect."""
+
+
+def session(request: Request) -> str:
+    ctx: AppContext = request.app.state.ctx
+    cookie = request.cookies.get(auth.COOKIE)
+    if not auth.valid_session(ctx.tokens.admin, cookie):
+        raise LoginRequired
+    assert cookie is not None
+    return cookie
+
+
+Session = Annotated[str, Depends(session)]
+
+
+def render(request: Request, name: str, cookie: str | None, **values: Any) -> HTMLResponse:
+    ctx: AppContext = request.app.state.ctx
+    csrf = auth.csrf_token(ctx.tokens.admin, cookie) if cookie else ""
+    return templates.TemplateResponse(
+        request, name, {"csrf": csrf, "refresh": REFRESH_SECONDS, **values}
+    )
+
+
+async def _form(request: Request) -> dict[str, str]:
+    raw = (await request.body()).decode("utf-8", "replace")
+    return {k: v[0] for k, v in parse_qs(raw).items()}
+
+
+async def _checked_form(request: Request, cookie: str) -> dict[str, str] | None:
+    ctx: AppContext = request.app.state.ctx
+    form = await _form(request)
+    if not auth.valid_csrf(ctx.tokens.admin, cookie, form.get("csrf")):
+        return None
+    return form
+
+
+def _forbidden(request: Request) -> HTMLResponse:
+    response = render(
+        request,
+        "message.html",
+        None,
+        title="Refused",
+        message="The form's CSRF token is missing or wrong. Reload the page.",
+    )
+    response.status_code = 403
+    return response
+
+
+@pages.get("/login")
+async def login_page(request: Request) -> HTMLResponse:
+    return render(request, "login.html", None, error=None)
+
+
+@pages.post("/login")
+async def login(request: Request, ctx: Ctx) -> Response:
+    form = await _form(request)
+    token = form.get("token", "")
+    if not Tokens.matches(token, ctx.tokens.admin):
+        refused = render(request, "login.html", None, error="That is not the admin token.")
+        refused.status_code = 401
+        return refused
+    response = RedirectResponse("/admin", status_code=303)
+    response.set_cookie(
+        auth.COOKIE,
+        auth.new_session(ctx.tokens.admin),
+        max_age=auth.SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
+        path="/admin",
+    )
+    return response
+
+
+@pages.post("/logout")
+async def logout(request: Request, cookie: Session) -> Response:
+    if await _checked_form(request, cookie) is None:
+        return _forbidden(request)
+    response = RedirectResponse("/admin/login", status_code=303)
+    response.delete_cookie(auth.COOKIE, path="/admin")
+    return response
+
+
+@pages.get("")
+async def overview(request: Request, ctx: Ctx, cookie: Session) -> HTMLResponse:
+    board = Dashboard(ctx)
+    data = await board.overview()
+    return render(request, "overview.html", cookie, data=data, chart=board.chart(data))
+
+
+@pages.get("/sagas")
+async def sagas(
+    request: Request,
+    ctx: Ctx,
+    cookie: Session,
+    status: SagaStatus | None = None,
+    definition: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    q: Annotated[str | None, Query(max_length=255)] = None,
+) -> HTMLResponse:
+    items = await Dashboard(ctx).sagas(status, definition, q.strip() if q else None)
+    return render(
+        request,
+        "sagas.html",
+        cookie,
+        items=items,
+        status=status,
+        definition=definition,
+        q=q or "",
+        statuses=list(SagaStatus),
+    )
+
+
+@pages.get("/sagas/{saga_id}")
+async def saga_detail(request: Request, ctx: Ctx, cookie: Session, saga_id: uuid.UUID) -> Response:
+    detail = await Dashboard(ctx).saga_detail(saga_id)
+    if detail is None:
+        response = render(
+            request,
+            "message.html",
+            cookie,
+            title="Not found",
+            message=f"There is no saga {saga_id}.",
+        )
+        response.status_code = 404
+        return response
+    return render(request, "saga.html", cookie, **detail)
+
+
+@pages.get("/dead-letters")
+async def dead_letters(
+    request: Request, ctx: Ctx, cookie: Session, status: DeadLetterStatus | None = None
+) -> HTMLResponse:
+    items = await Dashboard(ctx).dead_letters(status)
+    return render(request, "dead_letters.html", cookie, items=items, status=status)
+
+
+@pages.post("/dead-letters/{dl_id}/retry")
+async def retry_dead_letter(
+    request: Request, ctx: Ctx, cookie: Session, dl_id: uuid.UUID
+) -> Response:
+    if await _checked_form(request, cookie) is None:
+        return _forbidden(request)
+    await ctx.admin.retry_dead_letter(dl_id, Tokens.token_id(ctx.tokens.admin))
+    return RedirectResponse("/admin/dead-letters", status_code=303)
+
+
+@pages.post("/dead-letters/{dl_id}/discard")
+async def discard_dead_letter(
+    request: Request, ctx: Ctx, cookie: Session, dl_id: uuid.UUID
+) -> Response:
+    form = await _checked_form(request, cookie)
+    if form is None:
+        return _forbidden(request)
+    reason = (form.get("reason") or "").strip()[:1000] or "discarded from the dashboard"
+    await ctx.admin.discard_dead_letter(dl_id, Tokens.token_id(ctx.tokens.admin), reason)
+    return RedirectResponse("/admin/dead-letters", status_code=303)
+
+
+@pages.get("/services")
+async def services(request: Request, ctx: Ctx, cookie: Session) -> HTMLResponse:
+    return render(request, "services.html", cookie, items=await Dashboard(ctx).services())
+
+
+@pages.post("/services/{name}/reset")
+async def reset_circuit(request: Request, ctx: Ctx, cookie: Session, name: str) -> Response:
+    if await _checked_form(request, cookie) is None:
+        return _forbidden(request)
+    await ctx.admin.reset_circuit(name, Tokens.token_id(ctx.tokens.admin))
+    return RedirectResponse("/admin/services", status_code=303)
+
+
+@pages.get("/audit")
+async def audit(request: Request, ctx: Ctx, cookie: Session) -> HTMLResponse:
+    return render(request, "audit.html", cookie, items=await Dashboard(ctx).audit())
+
+
+@api.get("/dashboard", summary="The dashboard's figures as JSON")
+async def dashboard_json(ctx: Ctx, _actor: Annotated[str, Depends(require_admin)]) -> Any:
+    return await Dashboard(ctx).overview()

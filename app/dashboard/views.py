@@ -1,0 +1,160 @@
+"""Pure view-model helpers: the step timeline, the SVG chart, why a saga waits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from app.domain.definition import DefinitionSpec
+from app.domain.planner import SagaState, StepState, needs_compensation, pivot_passed
+from app.domain.states import SagaStatus, StepStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    """One attempt drawn on the timeline."""
+
+    step: str
+    direction: str
+    attempt: int
+    outcome: str
+    start: float  # seconds since the saga started
+    end: float
+    label: str  # hover text
+
+
+def timeline(events: list[dict[str, Any]], started: datetime, now: datetime) -> list[Bar]:
+    """Pair each attempt_started with its attempt_finished; an unfinished one runs to now."""
+    open_attempts: dict[tuple[str, str, int], datetime] = {}
+    bars: list[Bar] = []
+    for e in events:
+        key = (e.get("step") or "", e.get("direction") or "", e.get("attempt") or 0)
+        if e["type"] == "attempt_started":
+            open_attempts[key] = e["at"]
+        elif e["type"] == "attempt_finished":
+            begin = open_attempts.pop(key, e["at"])
+            detail = e.get("message") or ""
+            code = e.get("status_code")
+            label = f"{key[0]} {key[1]} #{key[2]}: {e.get('outcome')}"
+            if code:
+                label += f" ({code})"
+            if detail:
+                label += f" - {detail}"
+            bars.append(
+                Bar(
+                    key[0],
+                    key[1],
+                    key[2],
+                    str(e.get("outcome")),
+                    (begin - started).total_seconds(),
+                    (e["at"] - started).total_seconds(),
+                    label,
+                )
+            )
+    for key, begin in open_attempts.items():
+        bars.append(
+            Bar(
+                key[0],
+                key[1],
+                key[2],
+                "in_flight",
+                (begin - started).total_seconds(),
+                (now - started).total_seconds(),
+                f"{key[0]} {key[1]} #{key[2]}: in flight or abandoned by a crashed worker",
+            )
+        )
+    return bars
+
+
+def fill_buckets(
+    buckets: list[dict[str, Any]], now: datetime, minutes: int = 60, step_minutes: int = 5
+) -> list[dict[str, Any]]:
+    """Every bucket of the window, oldest first, with zeros where nothing finished."""
+    size = step_minutes * 60
+    last = int(now.timestamp()) // size * size
+    by_start = {int(b["at"].timestamp()): b for b in buckets}
+    out = []
+    for start in range(last - (minutes // step_minutes - 1) * size, last + 1, size):
+        found = by_start.get(start)
+        out.append(
+            {
+                "at": datetime.fromtimestamp(start, tz=now.tzinfo),
+                "finished": found["finished"] if found else 0,
+                "failed": found["failed"] if found else 0,
+            }
+        )
+    return out
+
+
+def chart_bars(
+    buckets: list[dict[str, Any]], width: int = 600, height: int = 120
+) -> dict[str, Any]:
+    """Bar geometry for finished sagas per bucket, with the failed part drawn over it."""
+    peak = max([b["finished"] for b in buckets] + [1])
+    slot = width / max(len(buckets), 1)
+    bars = []
+    for i, b in enumerate(buckets):
+        total_h = b["finished"] / peak * (height - 10)
+        failed_h = b["failed"] / peak * (height - 10)
+        bars.append(
+            {
+                "x": round(i * slot + 2, 1),
+                "w": round(max(slot - 4, 1), 1),
+                "total_y": round(height - total_h, 1),
+                "total_h": round(total_h, 1),
+                "failed_y": round(height - failed_h, 1),
+                "failed_h": round(failed_h, 1),
+                "label": f"{b['at']:%H:%M}: {b['finished']} finished, {b['failed']} not completed",
+                "tick": f"{b['at']:%H:%M}",
+            }
+        )
+    return {"bars": bars, "max": peak, "width": width, "height": height}
+
+
+def why_waiting(
+    status: SagaStatus,
+    due_at: datetime | None,
+    waiting_on: str | None,
+    lease_owner: str | None,
+    lease_expires_at: datetime | None,
+    now: datetime,
+    last_error: dict[str, Any] | None,
+) -> str | None:
+    """A sentence that says what a non-terminal saga is waiting for."""
+    if status.terminal:
+        return None
+    if lease_owner and lease_expires_at and lease_expires_at > now:
+        return f"in progress: lease held by worker {lease_owner} until {lease_expires_at:%H:%M:%S}"
+    if waiting_on:
+        reason, _, service = waiting_on.partition(":")
+        text = {
+            "circuit_open": f"circuit of service '{service}' is open",
+            "half_open_probe_in_flight": f"waiting for the half-open probe to '{service}'",
+            "bulkhead_full": f"bulkhead of service '{service}' is full",
+        }.get(reason, waiting_on)
+        return f"{text}; next look at {due_at:%H:%M:%S}" if due_at else text
+    if due_at and due_at > now:
+        error = (
+            f" after {last_error.get('kind')}: {last_error.get('message')}" if last_error else ""
+        )
+        return f"retry due at {due_at:%H:%M:%S}{error}"
+    if due_at:
+        return "due now: waiting for a free executor"
+    return None
+
+
+def compensations_if_failed(
+    spec: DefinitionSpec, status: SagaStatus, steps: list[tuple[str, StepStatus]]
+) -> list[str]:
+    """The compensations that would run, in order, if the saga failed now."""
+    state = SagaState(
+        status, [StepState(name, st, maybe_applied=st is StepStatus.RUNNING) for name, st in steps]
+    )
+    if status is not SagaStatus.RUNNING or pivot_passed(spec, state):
+        return []
+    return [
+        spec.steps[i].name
+        for i in range(len(steps) - 1, -1, -1)
+        if needs_compensation(spec.steps[i], state.steps[i])
+    ]
