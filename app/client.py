@@ -1,0 +1,134 @@
+"""A small typed client for the orchestrator's HTTP API.
+
+Every write it sends is idempotent (PUT a service, POST a definition by content, POST
+a saga with an Idempotency-Key), so it retries connection errors and 503s safely.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+TERMINAL = frozenset({"completed", "compensated", "failed"})
+
+
+class ApiError(Exception):
+    """A 4xx/5xx answer: carries the problem document."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        super().__init__(f"{status}: {problem.get('detail', problem)}")
+        self.status = status
+        self.problem = problem
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, ApiError) and exc.status in (502, 503, 504)
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    saga: dict[str, Any]
+    replayed: bool
+
+
+class SagaClient:
+    """Async client; use as `async with SagaClient(url, token) as client: ...`."""
+
+    def __init__(
+        self, base_url: str, token: str | None = None, retry_for_seconds: float = 30.0
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=40.0)
+        self._retry_for = retry_for_seconds
+
+    async def __aenter__(self) -> SagaClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            wait=wait_random_exponential(multiplier=0.2, max=3),
+            stop=stop_after_delay(self._retry_for),
+            reraise=True,
+        ):
+            with attempt:
+                response = await self._http.request(method, path, **kwargs)
+                if response.status_code >= 400:
+                    try:
+                        problem = response.json()
+                    except ValueError:
+                        problem = {"detail": response.text}
+                    raise ApiError(response.status_code, problem)
+                return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def put_service(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        response = await self._request("PUT", f"/v1/services/{name}", json=spec)
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def register_definition(self, definition: dict[str, Any]) -> dict[str, Any]:
+        response = await self._request("POST", "/v1/definitions", json=definition)
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def start_saga(
+        self,
+        definition: str,
+        input: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        version: int | None = None,
+    ) -> Started:
+        """Start a saga. A key is generated when none is given, so a retry after a lost
+        answer cannot start a second saga."""
+        key = idempotency_key or f"client-{uuid.uuid4()}"
+        body: dict[str, Any] = {"definition": definition, "input": input or {}}
+        if version is not None:
+            body["version"] = version
+        response = await self._request(
+            "POST", "/v1/sagas", json=body, headers={"Idempotency-Key": key}
+        )
+        return Started(
+            saga=response.json(),
+            replayed=response.headers.get("Idempotent-Replayed") == "true",
+        )
+
+    async def get_saga(self, saga_id: str, wait_seconds: float = 0) -> dict[str, Any]:
+        params = {"wait_seconds": wait_seconds} if wait_seconds else {}
+        response = await self._request("GET", f"/v1/sagas/{saga_id}", params=params)
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def wait(self, saga_id: str, within: float = 60.0) -> dict[str, Any]:
+        """Long-poll until the saga is terminal; TimeoutError after `within` seconds."""
+        loop_deadline = time.monotonic() + within
+        while True:
+            remaining = loop_deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"saga {saga_id} is not terminal after {within}s")
+            saga = await self.get_saga(saga_id, wait_seconds=min(30.0, max(remaining, 0.1)))
+            if saga["status"] in TERMINAL:
+                return saga
+
+    async def events(self, saga_id: str) -> list[dict[str, Any]]:
+        response = await self._request("GET", f"/v1/sagas/{saga_id}/events")
+        items: list[dict[str, Any]] = response.json()["items"]
+        return items
