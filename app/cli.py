@@ -1,4 +1,4 @@
-"""The `saga-orchestrator` command: serve, api, worker, migrate."""
+"""The `saga-orchestrator` command: serve, api, worker, migrate, demo."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ HELP = {
     "of workers may share one database; SIGTERM stops claiming and lets in-flight calls "
     "finish within SAGA_SHUTDOWN_GRACE seconds.",
     "migrate": "Apply pending database migrations and exit.",
+    "demo": "Run the checkout demo: start the database, four example participants and the "
+    "orchestrator, break things on purpose (a failing order, a service down, a flaky service, "
+    "the orchestrator killed) and report how every saga ended. Keeps serving until Ctrl-C.",
 }
 
 
@@ -41,12 +44,26 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     for name in ("worker", "migrate"):
         sub.add_parser(name, help=HELP[name], description=HELP[name])
+    demo = sub.add_parser("demo", help=HELP["demo"], description=HELP["demo"])
+    demo.add_argument(
+        "--port", type=int, default=8000, help="the orchestrator's port (default 8000)"
+    )
+    demo.add_argument("--fast", action="store_true", help="shorter delays (for tests)")
+    demo.add_argument(
+        "--exit",
+        action="store_true",
+        help="exit after the report (status 0 when every scenario passed, else 1)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     settings = Settings()
+    if args.command == "demo":
+        from app.demo import run_demo
+
+        sys.exit(run_demo(settings, args.port, fast=args.fast, exit_after=args.exit))
     logs.configure(settings.log_format, settings.log_level)
     database = open_database(settings)
     try:

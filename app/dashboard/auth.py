@@ -33,7 +33,7 @@ def valid_session(admin_token: str, cookie: str | None, now: float | None = None
         return False
     expires, nonce, signature = cookie.split(".")
     payload = f"{expires}.{nonce}"
-    if not hmac.compare_digest(signature, _sign(admin_token, payload)):
+    if not hmac.compare_digest(signature.encode(), _sign(admin_token, payload).encode()):
         return False
     return expires.isdigit() and int(expires) > (now or time.time())
 
@@ -45,4 +45,4 @@ def csrf_token(admin_token: str, cookie: str) -> str:
 def valid_csrf(admin_token: str, cookie: str | None, token: str | None) -> bool:
     if not cookie or not token:
         return False
-    return hmac.compare_digest(token, csrf_token(admin_token, cookie))
+    return hmac.compare_digest(token.encode(), csrf_token(admin_token, cookie).encode())

@@ -80,6 +80,10 @@ class RenderContext:
     input: JSON
     saga_id: str
     step_results: Mapping[str, tuple[int | None, JSON]]  # name -> (status_code, response)
+    # Compensations: a step that never answered successfully (its outcome is unknown)
+    # has no response; references into it render as null instead of failing, so the
+    # compensation is still sent and the participant can treat it as a no-op.
+    absent_results_as_null: bool = False
 
 
 def resolve(ref: Ref, ctx: RenderContext) -> JSON:
@@ -91,9 +95,11 @@ def resolve(ref: Ref, ctx: RenderContext) -> JSON:
         path = ref.path
     else:
         assert ref.step is not None
+        status_code, response = ctx.step_results.get(ref.step, (None, None))
+        if response is None and ctx.absent_results_as_null:
+            return status_code if ref.path[0] == "status_code" else None
         if ref.step not in ctx.step_results:
             raise TemplateError(f"${{{ref}}}: step '{ref.step}' has no result")
-        status_code, response = ctx.step_results[ref.step]
         if ref.path[0] == "status_code":
             if status_code is None:
                 raise TemplateError(f"${{{ref}}}: step '{ref.step}' has no status code")

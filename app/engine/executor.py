@@ -239,10 +239,10 @@ class Executor:
         if nxt is None:
             return False
         if isinstance(nxt, Finish):
-            await self._commit(
+            after = await self._commit(
                 work, SagaWrite(nxt.status, Next.IDLE), events=_finish_events(nxt.status)
             )
-            return False
+            return after is Next.CONTINUE
         if isinstance(nxt, BeginCompensation):
             await self._commit(
                 work,
@@ -256,7 +256,6 @@ class Executor:
                     ),
                 ),
             )
-            work.status = SagaStatus.COMPENSATING
             return True
         return await self._call(work, spec, nxt, started)
 
@@ -278,7 +277,7 @@ class Executor:
                 step_timeout=step_spec.timeout_seconds,
                 direction=call.direction,
                 saga_id=work.id,
-                context=_context(work),
+                context=_context(work, lenient=not forward),
                 request_id=work.request_id,
                 deadline_at=work.deadline_at,
                 allowed_hosts=self.settings.allowed_host_patterns,
@@ -484,7 +483,8 @@ class Executor:
                 if request
                 else None,
             )
-        await self._commit(
+        work.status = old_status  # _commit sets what was actually written
+        next_step = await self._commit(
             work,
             SagaWrite(
                 saga_status,
@@ -507,7 +507,6 @@ class Executor:
             dead_letter=dead_letter,
             breaker=breaker,
         )
-        work.status = saga_status
         if next_step is Next.LATER:
             self._wake_at(delay)
         return next_step is Next.CONTINUE
@@ -520,14 +519,20 @@ class Executor:
         events: tuple[EventRecord, ...] = (),
         dead_letter: DeadLetterRecord | None = None,
         breaker: BreakerUpdate | None = None,
-    ) -> None:
-        committed = await self.store.commit(work, saga, step, events, dead_letter, breaker)
+    ) -> Next:
+        """Commit; returns what follows, which a cancel accepted meanwhile may change."""
+        cancellable = work.status is SagaStatus.RUNNING and saga.status is SagaStatus.COMPLETED
+        committed = await self.store.commit(
+            work, saga, step, events, dead_letter, breaker, cancellable
+        )
         if committed is None:
             raise LeaseLost
-        if any(e.type == f"saga_{saga.status.value}" for e in events):
-            self.metrics.sagas_finished.labels(work.definition_name, saga.status.value).inc()
+        if committed.status.terminal and committed.status is not work.status:
+            self.metrics.sagas_finished.labels(work.definition_name, committed.status.value).inc()
+        work.status = committed.status
         work.cancel_requested = committed.cancel_requested
         work.db_now = committed.db_now
+        return committed.next
 
     def _wake_at(self, delay: float) -> None:
         """Look for due work again when a saga we just scheduled becomes due."""
@@ -605,10 +610,11 @@ def _state(work: SagaWork) -> SagaState:
     )
 
 
-def _context(work: SagaWork) -> RenderContext:
+def _context(work: SagaWork, lenient: bool = False) -> RenderContext:
     return RenderContext(
         input=work.input,
         saga_id=str(work.id),
+        absent_results_as_null=lenient,
         step_results={
             s.name: (s.status_code, s.response)
             for s in work.steps

@@ -300,6 +300,8 @@ class BreakerUpdate:
 class Committed:
     cancel_requested: bool
     db_now: datetime
+    status: SagaStatus  # as written: a completion may yield to a cancel (see commit)
+    next: Next
 
 
 def _json(value: Any) -> str | None:
@@ -451,13 +453,34 @@ class ExecutorStore:
         events: tuple[EventRecord, ...] = (),
         dead_letter: DeadLetterRecord | None = None,
         breaker: BreakerUpdate | None = None,
+        cancellable: bool = False,
     ) -> Committed | None:
         """Commit an outcome and everything it leads to in one transaction.
 
-        None means the lease was lost: nothing was written.
+        None means the lease was lost: nothing was written. With `cancellable`, a
+        completion yields to a cancel that was accepted meanwhile: the saga stays
+        `running` and the worker goes on to compensate it.
         """
-        terminal = saga.status.terminal
         async with self.engine.begin() as conn:
+            if cancellable and saga.status is SagaStatus.COMPLETED:
+                # Lock the row first: a cancel either committed before (we see its flag)
+                # or waits and then finds the saga completed (409).
+                flag = (
+                    await conn.execute(
+                        text(
+                            "SELECT cancel_requested FROM sagas WHERE id = :id "
+                            "AND lease_owner = :worker AND lease_epoch = :epoch FOR UPDATE"
+                        ),
+                        {"id": work.id, "worker": self.worker, "epoch": work.epoch},
+                    )
+                ).scalar_one_or_none()
+                if flag is None:
+                    await conn.rollback()
+                    return None
+                if flag:
+                    saga = SagaWrite(SagaStatus.RUNNING, Next.CONTINUE)
+                    events = tuple(e for e in events if e.type != "saga_completed")
+            terminal = saga.status.terminal
             if breaker is not None:
                 # Lock the breaker first, in the same order as start_attempt does.
                 current = await self._lock_breaker(conn, work.id, breaker.service)
@@ -524,7 +547,12 @@ class ExecutorStore:
                 await conn.execute(
                     text("SELECT pg_notify(:c, :id)"), {"c": SAGA_DONE_CHANNEL, "id": str(work.id)}
                 )
-        return Committed(cancel_requested=bool(row.cancel_requested), db_now=row.db_now)
+        return Committed(
+            cancel_requested=bool(row.cancel_requested),
+            db_now=row.db_now,
+            status=saga.status,
+            next=saga.next,
+        )
 
     async def _lock_breaker(
         self, conn: AsyncConnection, saga_id: uuid.UUID, service: str
