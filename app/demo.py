@@ -352,7 +352,7 @@ class Result:
     problems: list[str] = field(default_factory=list)
 
 
-class Check(Exception):
+class Check(DemoError):
     """A scenario's expectation did not hold."""
 
 

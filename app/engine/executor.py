@@ -329,15 +329,21 @@ class Executor:
 
         retry_policy = step_spec.retry if forward else step_spec.compensation_retry
         outcome = classify(result, retry_policy.retry_on_status)
-        outcome_label = (
-            "succeeded" if outcome.success else ("retryable" if outcome.retryable else "failed")
-        )
+        # The planner judges from the state before start_attempt's pessimistic mark.
+        state = _state(work)
+        state.steps[call.index].maybe_applied = prior_maybe_applied
+        transition = after_attempt(spec, state, call, attempt, outcome, result.retry_after)
+        if outcome.success:
+            outcome_label = "succeeded"
+        else:
+            outcome_label = "retryable" if transition.retry_in is not None else "failed"
         self.metrics.attempts.labels(service_label, call.direction.value, outcome_label).inc()
         self.metrics.latency.labels(service_label, call.direction.value).observe(call_seconds)
         log.info(
             "attempt",
             extra={
                 "saga_id": str(work.id),
+                "request_id": work.request_id,
                 "step": step_spec.name,
                 "direction": call.direction.value,
                 "attempt": attempt,
@@ -348,10 +354,6 @@ class Executor:
                 "duration_ms": round(call_seconds * 1000, 2),
             },
         )
-        # The planner judges from the state before start_attempt's pessimistic mark.
-        state = _state(work)
-        state.steps[call.index].maybe_applied = prior_maybe_applied
-        transition = after_attempt(spec, state, call, attempt, outcome, result.retry_after)
         breaker = None
         if gate is not None and service is not None and result.failure is not CallFailure.TEMPLATE:
             failed = counts_as_failure(outcome)

@@ -172,12 +172,17 @@ class AdminStore:
                 text(
                     """
                     UPDATE sagas SET status = :status, due_at = now(), updated_at = now(),
-                           finished_at = CASE WHEN :status = 'completed' THEN finished_at END,
-                           error = CASE WHEN :status = 'running' THEN NULL ELSE error END
+                           finished_at = CASE WHEN :keep_finished THEN finished_at END,
+                           error = CASE WHEN :clear_error THEN NULL ELSE error END
                      WHERE id = :saga
                     """
                 ),
-                {"saga": row.saga_id, "status": new_status.value},
+                {
+                    "saga": row.saga_id,
+                    "status": new_status.value,
+                    "keep_finished": new_status is SagaStatus.COMPLETED,
+                    "clear_error": new_status is SagaStatus.RUNNING,
+                },
             )
             await self._resolve(conn, dl_id, DeadLetterStatus.RETRIED, actor, None)
             await conn.execute(

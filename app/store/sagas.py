@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -174,7 +175,8 @@ class SagaStore:
                 idempotency_key=new.idempotency_key,
                 deadline_at=deadline,
                 request_id=new.request_id,
-                traceparent=new.traceparent,
+                # Without a caller's trace, the saga is its own trace: all its calls join it.
+                traceparent=new.traceparent or f"00-{saga_id.hex}-{secrets.token_hex(8)}-01",
                 due_at=text("now()"),
             )
         )
