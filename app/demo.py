@@ -105,8 +105,9 @@ def run_demo(settings: Settings, port: int, fast: bool = False, exit_after: bool
         return EXIT_INTERRUPTED
     finally:
         if database is not None:
+            embedded = database.embedded is not None
             database.close()
-            if database.url and not settings.database_url:
+            if embedded:
                 say("Embedded PostgreSQL stopped.")
 
 
@@ -165,7 +166,7 @@ async def _demo(
     outcome: _Outcome,
     stop: asyncio.Event,
 ) -> None:
-    token = settings.admin_token or secrets.token_urlsafe(18)
+    token = settings.admin_token or secrets.token_hex(16)
     urls: dict[str, str] = {}
     from examples.checkout import FACTORIES  # the example is not needed by `serve`
 
@@ -197,8 +198,7 @@ async def _demo(
     outcome.code = 0 if passed else 1
     if exit_after:
         return
-    say("\nEverything keeps running: open the dashboard, or start sagas yourself (README).")
-    say("Press Ctrl-C to stop.")
+    _try_it(orchestrator.url, token, urls)
     while orchestrator.alive and not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.5)
@@ -699,6 +699,21 @@ SCENARIOS: list[tuple[str, str, Callable[[Demo], Awaitable[str]]]] = [
     ("d", "Inventory slow and failing, then recovering: its circuit breaker", inventory_flaky),
     ("e", "The orchestrator is killed (SIGKILL) mid-run and restarted", orchestrator_killed),
 ]
+
+
+def _try_it(base_url: str, token: str, urls: dict[str, str]) -> None:
+    body = (
+        '{"definition": "checkout", "input": {"amount": 42, '
+        '"items": [{"sku": "tea", "qty": 1}], "email": "you@example.com"}}'
+    )
+    say("\nEverything keeps running. Try it yourself:")
+    say(f"  curl -s -X POST {base_url}/v1/sagas -H 'Authorization: Bearer {token}' \\")
+    say("       -H 'Content-Type: application/json' -H 'Idempotency-Key: my-order-1' \\")
+    say(f"       -d '{body}'")
+    chaos = f"curl -s -X POST {urls['orders']}/_chaos -H 'Content-Type: application/json'"
+    say(f"  {chaos} -d '{{\"fail_status\": 400}}'   # orders fails")
+    say(f"  {chaos} -d '{{}}'                      # healed")
+    say("Press Ctrl-C to stop.")
 
 
 def _report(results: list[Result], base_url: str, token: str) -> None:

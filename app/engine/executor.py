@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SERVICE_CACHE_SECONDS = 2.0
+_IN_PROGRESS = (StepStatus.RUNNING, StepStatus.COMPENSATING)
 PRUNE_EVERY_SECONDS = 60.0
 
 
@@ -131,6 +132,7 @@ class Executor:
         self._tasks: dict[asyncio.Task[None], tuple[uuid.UUID, int]] = {}
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._calls_end: dict[uuid.UUID, float] = {}  # monotonic time each call times out
 
     # --- main loop ---------------------------------------------------------------------
 
@@ -196,10 +198,12 @@ class Executor:
             task.cancel()
         if still:
             await asyncio.wait(still)
+        now = time.monotonic()
         for task in still:
             saga_id, epoch = pending[task]
+            call_ends = self._calls_end.pop(saga_id, now)
             try:
-                await self.store.release(saga_id, epoch)
+                await self.store.release(saga_id, epoch, max(0.0, call_ends - now))
             except Exception as exc:  # the lease expires on its own anyway
                 log.warning("release failed", extra={"saga_id": str(saga_id), "error": str(exc)})
 
@@ -220,6 +224,9 @@ class Executor:
                     work = await self.store.load(saga_id, epoch)
             if work is None:
                 return
+            if any(s.status in _IN_PROGRESS for s in work.steps):
+                # An attempt may have been cut off by a crash: record it as abandoned.
+                await self.store.close_abandoned(work)
             spec = await self._definition(work.definition_id)
             while await self._advance(work, spec):
                 pass
@@ -321,7 +328,9 @@ class Executor:
                     work.traceparent, f"{step_spec.name} {call.direction.value}", attributes
                 ) as trace_headers:
                     request.headers.update(trace_headers)
-                    result = await self._with_lease(work, self.client.call(request))
+                    result = await self._with_lease(
+                        work, self.client.call(request), request.timeout_seconds
+                    )
             finally:
                 self.metrics.local_in_flight.dec()
         call_seconds = time.monotonic() - call_started
@@ -563,10 +572,11 @@ class Executor:
         unwindable = forward and not pivot_passed(spec, _state(work))
         return Gate(name, decide, work.deadline_at if unwindable else None)
 
-    async def _with_lease(self, work: SagaWork, call: Awaitable[T]) -> T:
+    async def _with_lease(self, work: SagaWork, call: Awaitable[T], call_seconds: float) -> T:
         """Await a participant call, renewing the lease while it is in flight."""
         task = asyncio.ensure_future(call)
         interval = max(self.settings.lease_seconds / 3, 0.1)
+        self._calls_end[work.id] = time.monotonic() + call_seconds
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=interval)
@@ -575,6 +585,7 @@ class Executor:
                 if not await self.store.renew(work.id, work.epoch):
                     raise LeaseLost
         finally:
+            self._calls_end.pop(work.id, None)
             if not task.done():
                 task.cancel()
 

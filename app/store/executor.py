@@ -171,6 +171,23 @@ _INSERT_EVENT = text(
     """
 )
 
+_CLOSE_ABANDONED = text(
+    """
+    INSERT INTO saga_events (saga_id, type, step, direction, attempt, outcome, message, worker)
+    SELECT s.saga_id, 'attempt_finished', s.step, s.direction, s.attempt, 'abandoned',
+           'the worker died or lost its lease during this attempt; outcome unknown',
+           :worker
+      FROM saga_events AS s
+     WHERE s.saga_id = :id AND s.type = 'attempt_started'
+       AND EXISTS (SELECT 1 FROM sagas WHERE id = :id AND lease_owner = :worker
+                   AND lease_epoch = :epoch)
+       AND NOT EXISTS (SELECT 1 FROM saga_events AS f
+                        WHERE f.saga_id = s.saga_id AND f.type = 'attempt_finished'
+                          AND f.step = s.step AND f.direction = s.direction
+                          AND f.attempt = s.attempt)
+    """
+)
+
 _INSERT_DEAD_LETTER = text(
     """
     INSERT INTO dead_letters (id, saga_id, definition_name, step_idx, step_name, direction,
@@ -584,19 +601,41 @@ class ExecutorStore:
             await self._write_breaker(conn, gate.service, admission.breaker)
         return admission
 
-    async def release(self, saga_id: uuid.UUID, epoch: int) -> None:
-        """Give a saga back (shutdown): due again at once for another worker."""
+    async def release(self, saga_id: uuid.UUID, epoch: int, after_seconds: float = 0.0) -> None:
+        """Give a saga back (shutdown): due again for another worker after `after_seconds`.
+
+        A saga whose call was cut off is held back until that call's timeout would
+        have passed, so the participant does not see the same key twice at once.
+        """
         async with self.engine.begin() as conn:
             await conn.execute(
                 text(
                     """
-                    UPDATE sagas SET lease_owner = NULL, lease_expires_at = NULL, due_at = now(),
+                    UPDATE sagas SET lease_owner = NULL, lease_expires_at = NULL,
+                                     due_at = now() + make_interval(secs => :after),
                                      inflight_service = NULL, inflight_probe = false
                      WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
                     """
                 ),
-                {"id": saga_id, "worker": self.worker, "epoch": epoch},
+                {"id": saga_id, "worker": self.worker, "epoch": epoch, "after": after_seconds},
             )
+
+    async def close_abandoned(self, work: SagaWork) -> int:
+        """Give attempts that a dead or stopped worker left open an `abandoned` outcome.
+
+        Runs once after a claim, fenced by the new lease, so the history shows an
+        outcome for every attempt that was started.
+        """
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                _CLOSE_ABANDONED,
+                {
+                    "id": work.id,
+                    "worker": self.worker,
+                    "epoch": work.epoch,
+                },
+            )
+        return int(getattr(result, "rowcount", 0) or 0)
 
     async def prune_idempotency_keys(self, batch: int = 1000) -> int:
         async with self.engine.begin() as conn:
