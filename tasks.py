@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set up and run the project from a fresh clone, with nothing but Python >= 3.11.
 
-    python3 tasks.py run     # install into .venv, start the service on embedded PostgreSQL
+    python3 tasks.py run     # install into .venv, run the checkout demo on embedded PostgreSQL
+    python3 tasks.py run serve  # ... or any other saga-orchestrator command
     python3 tasks.py test    # install into .venv, then ruff, mypy and pytest
 
 Everything the project needs is installed by this file into ./.venv.
@@ -44,7 +45,7 @@ def ensure_venv() -> None:
 
 def cmd_run(args: list[str]) -> int:
     ensure_venv()
-    return _run(BIN / "saga-orchestrator", *(args or ["serve"]), check=False)
+    return _run(BIN / "saga-orchestrator", *(args or ["demo"]), check=False)
 
 
 def cmd_lint(_: list[str]) -> int:

@@ -1,0 +1,1 @@
+"""Runnable examples that use the saga orchestrator (see `saga-orchestrator demo`)."""
