@@ -14,7 +14,7 @@ from fastapi.responses import RedirectResponse, Response
 from app.api import admin_routes, health, problems, registry_routes, saga_routes
 from app.api.auth import Tokens
 from app.api.context import AppContext
-from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, V1GuardMiddleware
 from app.dashboard import routes as dashboard_routes
 from app.engine.executor import Executor
 from app.settings import Settings
@@ -94,6 +94,7 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
         lifespan=lifespan,
     )
     problems.install(app)
+    app.add_middleware(V1GuardMiddleware, tokens=tokens)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from app.api.auth import require_admin
 from app.api.context import Ctx
-from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
+from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor, valid_offset
 from app.api.problems import Problem
 from app.api.registry_routes import PROBLEMS, NamePath
 from app.api.schemas import AuditOut, DeadLetterOut, DiscardRequest, Page, ServiceOut
@@ -127,7 +127,7 @@ async def reset_circuit(name: NamePath, ctx: Ctx, actor: Actor) -> ServiceOut:
 )
 async def audit_log(ctx: Ctx, _actor: Actor, limit: Limit = 50, cursor: Cursor = None) -> Page:
     before = decode_cursor(cursor)
-    if before is not None and not isinstance(before, int):
+    if before is not None and not valid_offset(before):
         raise bad_cursor()
     rows = await ctx.admin.audit_log(limit, before)
     next_cursor = encode_cursor(rows[-1]["id"]) if len(rows) == limit else None

@@ -12,6 +12,9 @@ from contextvars import ContextVar
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.auth import Tokens, check
+from app.api.problems import Problem
+
 MAX_BODY_BYTES = 1024 * 1024
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 _VALID_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -98,8 +101,57 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def _send_problem(send: Send, status: int, detail: str) -> None:
-    title = {400: "Bad request", 413: "Request body too large"}[status]
+class V1GuardMiddleware:
+    """On /v1/, before any body is read: the bearer token (401/403), then the
+    Content-Type of a body (415), so a caller learns the first thing to fix."""
+
+    def __init__(self, app: ASGIApp, tokens: Tokens) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        result = check(self.tokens, headers.get(b"authorization"), path.startswith("/v1/admin/"))
+        if isinstance(result, Problem):
+            extra = [(k.lower().encode(), v.encode()) for k, v in result.headers.items()]
+            await _send_problem(send, result.status, result.detail, extra)
+            return
+        has_body = headers.get(b"content-length", "0") not in ("", "0") or (
+            b"transfer-encoding" in headers
+        )
+        writes = scope.get("method") in ("POST", "PUT", "PATCH")
+        if writes and has_body and not _is_json(headers.get(b"content-type", "")):
+            await _send_problem(
+                send, 415, "send the body as JSON with Content-Type: application/json"
+            )
+            return
+        await self.app(scope, receive, send)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    413: "Request body too large",
+    415: "Unsupported media type",
+}
+
+
+async def _send_problem(
+    send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    title = _TITLES[status]
     body = json.dumps(
         {
             "type": f"urn:saga-orchestrator:problem:{title.lower().replace(' ', '-')}",
@@ -117,6 +169,7 @@ async def _send_problem(send: Send, status: int, detail: str) -> None:
                 (b"content-type", b"application/problem+json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
+                *(headers or []),
             ],
         }
     )

@@ -31,6 +31,11 @@ def decode_cursor(cursor: str | None) -> Any:
         raise bad_cursor() from None
 
 
+def valid_offset(value: object) -> bool:
+    """An id cursor: a non-negative bigint (bool is an int in Python, so exclude it)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
 def bad_cursor() -> Problem:
     return Problem(
         400,

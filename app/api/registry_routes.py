@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Path, Response
 
 from app.api.auth import require_api
 from app.api.context import Ctx
-from app.api.pagination import Cursor, Limit, decode_cursor, encode_cursor
+from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from app.api.problems import Problem
 from app.api.schemas import DefinitionOut, Page, ServiceOut
 from app.domain.definition import (
@@ -17,6 +17,7 @@ from app.domain.definition import (
     ServiceSpec,
     check_definition,
     host_allowed,
+    is_name,
 )
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api)])
@@ -32,8 +33,8 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
 
 def _cursor_name(cursor: str | None) -> str | None:
     value = decode_cursor(cursor)
-    if value is not None and not isinstance(value, str):
-        raise Problem(400, "cursor is not valid", slug="bad-cursor")
+    if value is not None and not (isinstance(value, str) and is_name(value)):
+        raise bad_cursor()
     return value
 
 

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from app.api.auth import require_api
 from app.api.context import Ctx
 from app.api.middleware import request_id_var
-from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
+from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor, valid_offset
 from app.api.problems import Problem
 from app.api.registry_routes import PROBLEMS
 from app.api.schemas import EventOut, Page, SagaOut, SagaStart
@@ -184,7 +184,7 @@ async def saga_events(
     saga_id: uuid.UUID, ctx: Ctx, limit: Limit = 500, cursor: Cursor = None
 ) -> Page:
     after = decode_cursor(cursor)
-    if after is not None and not isinstance(after, int):
+    if after is not None and not valid_offset(after):
         raise bad_cursor()
     if await ctx.sagas.status(saga_id) is None:
         raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")

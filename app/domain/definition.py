@@ -52,6 +52,12 @@ def check_json(value: Any, where: str = "body", depth: int = 0) -> None:
     if isinstance(value, str):
         if "\x00" in value:
             raise ValueError(f"{where} contains a NUL character (\\u0000), which is not allowed")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{where} contains an unpaired UTF-16 surrogate, which is not valid Unicode"
+            ) from None
     elif isinstance(value, list):
         for item in value:
             check_json(item, where, depth + 1)

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.definition import DefinitionSpec, ServiceSpec
@@ -209,7 +209,7 @@ class Registry:
         """The latest version of each definition, by name."""
         stmt = (
             select(Definition)
-            .distinct(Definition.name)
+            .ext(distinct_on(Definition.name))
             .order_by(Definition.name, Definition.version.desc())
             .limit(limit)
         )
