@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
@@ -105,7 +106,8 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
     app.include_router(dashboard_routes.pages)
 
     @app.exception_handler(dashboard_routes.LoginRequired)
-    async def _to_login(_request: Request, _exc: Exception) -> Response:
-        return RedirectResponse("/admin/login", status_code=303)
+    async def _to_login(request: Request, _exc: Exception) -> Response:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/admin/login?{urlencode({'next': target})}", status_code=303)
 
     return app

@@ -166,11 +166,11 @@ async def get_saga(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         while True:
+            event.clear()  # before reading: a notification during the read is kept
             saga = await _saga_or_404(ctx, saga_id)
             remaining = deadline - loop.time()
             if saga.status.terminal or remaining <= 0:
                 return saga
-            event.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=remaining)
     finally:

@@ -73,20 +73,32 @@ def _forbidden(request: Request) -> HTMLResponse:
     return response
 
 
+def _safe_next(target: str | None) -> str:
+    """Only a path inside the dashboard: never another site (open redirect)."""
+    if target and target.startswith("/admin") and not target.startswith("//"):
+        return target
+    return "/admin"
+
+
 @pages.get("/login")
-async def login_page(request: Request) -> HTMLResponse:
-    return render(request, "login.html", None, error=None)
+async def login_page(
+    request: Request, next: Annotated[str | None, Query(max_length=2048)] = None
+) -> HTMLResponse:
+    return render(request, "login.html", None, error=None, next=_safe_next(next))
 
 
 @pages.post("/login")
 async def login(request: Request, ctx: Ctx) -> Response:
     form = await _form(request)
     token = form.get("token", "")
+    target = _safe_next(form.get("next"))
     if not Tokens.matches(token, ctx.tokens.admin):
-        refused = render(request, "login.html", None, error="That is not the admin token.")
+        refused = render(
+            request, "login.html", None, error="That is not the admin token.", next=target
+        )
         refused.status_code = 401
         return refused
-    response = RedirectResponse("/admin", status_code=303)
+    response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         auth.COOKIE,
         auth.new_session(ctx.tokens.admin),

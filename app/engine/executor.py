@@ -174,10 +174,11 @@ class Executor:
                     task.add_done_callback(self._task_done)
             if claimed and len(claimed) == free:
                 continue  # probably more due work; claim again once a slot frees
-            waits: list[Awaitable[Any]] = [self._wake.wait(), stop.wait()]
             if free <= 0:
                 self._slot_freed.clear()
-                waits = [self._slot_freed.wait(), stop.wait()]
+                waits: list[Awaitable[Any]] = [self._slot_freed.wait(), stop.wait()]
+            else:
+                waits = [self._wake.wait(), stop.wait()]
             await _wait_any(waits, within=self.settings.poll_interval_seconds)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:

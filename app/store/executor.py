@@ -71,17 +71,27 @@ _RENEW = text(
     """
 )
 
+# Reading the breaker and counting live calls are separate statements on purpose: a
+# statement that waits for the row lock keeps the snapshot it started with, so counts
+# taken in it would miss the calls admitted by the transactions it waited for.
+_READ_BREAKER = text(
+    """
+    SELECT state, consecutive_failures, opened_at, now() AS db_now
+      FROM circuit_breakers WHERE service = :service
+    """
+)
 _LOCK_BREAKER = text(
     """
-    SELECT cb.state, cb.consecutive_failures, cb.opened_at, now() AS db_now,
-           (SELECT count(*) FROM sagas
-             WHERE inflight_service = :service AND lease_expires_at > now()
-               AND id <> :id) AS live_calls,
-           (SELECT count(*) FROM sagas
-             WHERE inflight_service = :service AND inflight_probe
-               AND lease_expires_at > now() AND id <> :id) AS live_probes
-      FROM circuit_breakers AS cb WHERE cb.service = :service
-       FOR UPDATE OF cb
+    SELECT state, consecutive_failures, opened_at, now() AS db_now
+      FROM circuit_breakers WHERE service = :service
+       FOR UPDATE
+    """
+)
+_COUNT_LIVE = text(
+    """
+    SELECT count(*) AS live_calls, count(*) FILTER (WHERE inflight_probe) AS live_probes
+      FROM sagas
+     WHERE inflight_service = :service AND lease_expires_at > now() AND id <> :id
     """
 )
 
@@ -500,9 +510,9 @@ class ExecutorStore:
             terminal = saga.status.terminal
             if breaker is not None:
                 # Lock the breaker first, in the same order as start_attempt does.
-                current = await self._lock_breaker(conn, work.id, breaker.service)
+                current = await self._breaker(conn, breaker.service, lock=True)
                 if current is not None:
-                    snapshot, db_now = current[0], current[1]
+                    snapshot, db_now = current
                     updated = breaker.apply(snapshot, db_now)
                     if updated != snapshot:
                         await self._write_breaker(conn, breaker.service, updated)
@@ -571,14 +581,20 @@ class ExecutorStore:
             next=saga.next,
         )
 
-    async def _lock_breaker(
-        self, conn: AsyncConnection, saga_id: uuid.UUID, service: str
-    ) -> tuple[Breaker, datetime, int, int] | None:
-        row = (await conn.execute(_LOCK_BREAKER, {"service": service, "id": saga_id})).first()
+    async def _breaker(
+        self, conn: AsyncConnection, service: str, lock: bool
+    ) -> tuple[Breaker, datetime] | None:
+        statement = _LOCK_BREAKER if lock else _READ_BREAKER
+        row = (await conn.execute(statement, {"service": service})).first()
         if row is None:
             return None
-        snapshot = Breaker(CircuitState(row.state), row.consecutive_failures, row.opened_at)
-        return snapshot, row.db_now, int(row.live_calls), int(row.live_probes)
+        return Breaker(CircuitState(row.state), row.consecutive_failures, row.opened_at), row.db_now
+
+    async def _live(
+        self, conn: AsyncConnection, saga_id: uuid.UUID, service: str
+    ) -> tuple[int, int]:
+        row = (await conn.execute(_COUNT_LIVE, {"service": service, "id": saga_id})).one()
+        return int(row.live_calls), int(row.live_probes)
 
     async def _write_breaker(self, conn: AsyncConnection, service: str, breaker: Breaker) -> None:
         await conn.execute(
@@ -592,11 +608,20 @@ class ExecutorStore:
         )
 
     async def _admit(self, conn: AsyncConnection, work: SagaWork, gate: Gate) -> Admission:
-        current = await self._lock_breaker(conn, work.id, gate.service)
+        # First without the lock: sagas that must wait anyway (circuit open, bulkhead
+        # full) are turned away without queueing on the service's breaker row.
+        current = await self._breaker(conn, gate.service, lock=False)
         if current is None:  # no breaker row (service deleted): let the call fail on its own
             return Admission(True, Breaker(CircuitState.CLOSED, 0, None))
-        snapshot, db_now, live_calls, live_probes = current
-        admission = gate.decide(snapshot, db_now, live_calls, live_probes)
+        snapshot, db_now = current
+        admission = gate.decide(snapshot, db_now, *await self._live(conn, work.id, gate.service))
+        if not admission.admitted and admission.breaker == snapshot:
+            return admission
+        # It may go: decide again under the lock, with counts read after acquiring it.
+        current = await self._breaker(conn, gate.service, lock=True)
+        assert current is not None
+        snapshot, db_now = current
+        admission = gate.decide(snapshot, db_now, *await self._live(conn, work.id, gate.service))
         if admission.breaker != snapshot:
             await self._write_breaker(conn, gate.service, admission.breaker)
         return admission

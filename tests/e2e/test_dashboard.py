@@ -203,7 +203,9 @@ PAGES += ["/admin/audit", f"/admin/sagas/{uuid.uuid4()}"]
 async def test_pages_without_a_session_redirect_to_login(dash: Dash) -> None:
     for path in PAGES:
         await dash.goto(path)
-        assert dash.path() == "/admin/login", f"{path} was shown without a session"
+        assert dash.path().partition("?")[0] == "/admin/login", (
+            f"{path} was shown without a session"
+        )
         assert await dash.page.locator("#token").is_visible()
     # No navigation for strangers.
     assert await dash.page.locator("header a[href='/admin/sagas']").count() == 0
@@ -215,7 +217,27 @@ async def test_pages_without_a_session_redirect_to_login(dash: Dash) -> None:
             [{"name": COOKIE, "value": forged, "url": dash.base + "/admin"}]
         )
         await dash.goto("/admin")
-        assert dash.path() == "/admin/login", forged
+        assert dash.path().partition("?")[0] == "/admin/login", forged
+
+
+async def test_login_returns_to_the_page_asked_for_and_never_leaves_the_dashboard(
+    dash: Dash,
+) -> None:
+    await dash.goto("/admin/audit")
+    assert dash.path() == "/admin/login?next=%2Fadmin%2Faudit"
+    await dash.page.fill("#token", ADMIN_TOKEN)
+    await dash.page.get_by_role("button", name="Log in").click()
+    await dash.page.wait_for_url(dash.base + "/admin/audit")
+    await dash.page.locator("h1", has_text="Audit log").wait_for()
+
+    # A `next` outside the dashboard is ignored: no open redirect.
+    await dash.context.clear_cookies()
+    for target in ("//evil.example/admin", "https://evil.example/", "/v1/sagas"):
+        await dash.goto(f"/admin/login?next={target}")
+        await dash.page.fill("#token", ADMIN_TOKEN)
+        await dash.page.get_by_role("button", name="Log in").click()
+        await dash.page.wait_for_url(dash.base + "/admin")
+        await dash.context.clear_cookies()
 
 
 async def test_a_wrong_token_is_refused(dash: Dash) -> None:
@@ -228,11 +250,11 @@ async def test_a_wrong_token_is_refused(dash: Dash) -> None:
     assert (await answer.value).status == 401
     await dash.page.locator("#error").wait_for()
     assert "not the admin token" in (await dash.page.locator("#error").text_content() or "")
-    assert dash.path() == "/admin/login"
+    assert dash.path().partition("?")[0] == "/admin/login"
     assert await dash.session_cookie() is None
     await dash.shot("login-refused")
     await dash.goto("/admin")
-    assert dash.path() == "/admin/login"
+    assert dash.path().partition("?")[0] == "/admin/login"
 
 
 async def test_login_sets_a_strict_http_only_cookie_and_logout_ends_the_session(
@@ -254,7 +276,7 @@ async def test_login_sets_a_strict_http_only_cookie_and_logout_ends_the_session(
     assert await dash.session_cookie() is None
     for path in PAGES:
         await dash.goto(path)
-        assert dash.path() == "/admin/login", f"{path} still shown after logout"
+        assert dash.path().partition("?")[0] == "/admin/login", f"{path} still shown after logout"
 
 
 # --- what the pages show ----------------------------------------------------------------
@@ -531,4 +553,4 @@ async def test_a_non_ascii_session_cookie_is_no_session_not_a_server_error(dash:
     async with httpx.AsyncClient(base_url=dash.base) as client:
         r = await client.get("/admin", headers={b"cookie": f"{COOKIE}=1.2.\xe9".encode("latin-1")})
     assert r.status_code == 303, f"{r.status_code}: {r.text[:300]}"
-    assert r.headers["location"] == "/admin/login"
+    assert r.headers["location"].partition("?")[0] == "/admin/login"
