@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,15 +25,21 @@ def _answers(url: str) -> bool:
 
 @contextlib.contextmanager
 def server_url() -> Iterator[str]:
-    """TEST_DATABASE_URL, else the local server when it answers, else an embedded one."""
+    """TEST_DATABASE_URL, else the local server when it answers, else an embedded one.
+
+    SAGA_TEST_EMBEDDED=1 skips the local server, to check the path a machine without
+    PostgreSQL takes.
+    """
     explicit = os.environ.get("TEST_DATABASE_URL")
     if explicit:
         yield explicit
         return
-    if _answers(DEFAULT_URL):
+    if os.environ.get("SAGA_TEST_EMBEDDED") != "1" and _answers(DEFAULT_URL):
         yield DEFAULT_URL
         return
-    import pgserver  # type: ignore[import-untyped]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import pgserver  # type: ignore[import-untyped]
 
     with tempfile.TemporaryDirectory(prefix="saga-test-pg-") as tmp:
         server = pgserver.get_server(tmp, cleanup_mode="stop")
