@@ -509,12 +509,14 @@ class ExecutorStore:
                     events = tuple(e for e in events if e.type != "saga_completed")
             terminal = saga.status.terminal
             if breaker is not None:
-                # Lock the breaker first, in the same order as start_attempt does.
-                current = await self._breaker(conn, breaker.service, lock=True)
-                if current is not None:
-                    snapshot, db_now = current
-                    updated = breaker.apply(snapshot, db_now)
-                    if updated != snapshot:
+                # Most outcomes change nothing (a success on a closed circuit): read first,
+                # and take the row lock only to write, deciding again under it.
+                current = await self._breaker(conn, breaker.service, lock=False)
+                if current is not None and breaker.apply(*current) != current[0]:
+                    current = await self._breaker(conn, breaker.service, lock=True)
+                    assert current is not None
+                    updated = breaker.apply(*current)
+                    if updated != current[0]:
                         await self._write_breaker(conn, breaker.service, updated)
             row = (
                 await conn.execute(
