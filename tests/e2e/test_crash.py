@@ -11,6 +11,8 @@ Random moments come from a seed shown on failure; CRASH_SEED=<n> replays one.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import os
 import random
 import signal
@@ -40,7 +42,10 @@ from tests.support.servers import Reply, serve
 
 pytestmark = pytest.mark.slow
 
-SAGAS = 24
+FULL = os.environ.get("SAGA_CHAOS_FULL", "").strip().lower() in ("1", "true", "yes")
+SAGAS = 200 if FULL else 30  # per run: `tasks.py chaos` runs the full size
+SETTLE = 400 if FULL else 60  # seconds for every saga to become terminal after the crash
+FIGURES = Path(__file__).resolve().parents[2] / "test-artifacts" / "chaos" / "figures.jsonl"
 ALL_PATHS = ("/a", "/b", "/c", "/c/bad", "/a/undo", "/b/undo", "/c/undo")
 
 
@@ -77,6 +82,25 @@ async def _collect(
 
 def _touched_by(histories: dict[str, list[dict[str, Any]]], proc: Proc) -> set[str]:
     return {sid for sid, events in histories.items() if any(proc.owns(e["worker"]) for e in events)}
+
+
+def _record(**values: Any) -> None:
+    """Append this run's headline figures for docs/reliability.md."""
+    line = {"mode": "full" if FULL else "quick", **values}
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    with FIGURES.open("a") as out:
+        out.write(json.dumps(line, default=str) + "\n")
+
+
+def _resume_seconds(
+    histories: dict[str, list[dict[str, Any]]], proc: Proc, started: dt.datetime
+) -> float | None:
+    """From starting `proc` to the first event it wrote (it waits for expired leases)."""
+    times = [e["at"] for events in histories.values() for e in events if proc.owns(e["worker"])]
+    if not times:
+        return None
+    first = min(dt.datetime.fromisoformat(t) for t in times)
+    return round((first - started).total_seconds(), 3)
 
 
 def _report(problems: list[str], context: str) -> str:
@@ -116,11 +140,22 @@ async def test_failpoint_crash_then_resume(
     assert rc == -signal.SIGKILL, f"doomed worker exited with {rc}\n{doomed.output()}"
     assert f"failpoint {failpoint}: killing process" in doomed.output()
 
+    restarted_at = dt.datetime.now(dt.UTC)
     fresh = launcher.start("worker", "fresh")
-    final, histories = await _collect(api, sagas, 60)
+    final, histories = await _collect(api, sagas, SETTLE)
 
     problems = check_run(sagas, final, histories, participant, may_abandon=doomed.owns)
     print(failpoint, summary(histories, participant))
+    _record(
+        test=f"crash matrix: {failpoint}",
+        sagas=len(sagas),
+        kills=1,
+        terminal=sum(s["status"] in ("completed", "compensated", "failed") for s in final.values()),
+        invariant_violations=len(problems),
+        duplicate_effects=sum("twice" in p or "duplicate" in p for p in problems),
+        resume_seconds=_resume_seconds(histories, fresh, restarted_at),
+        summary=summary(histories, participant),
+    )
     assert not problems, _report(problems, f"failpoint {failpoint}:{hit}")
     # The crash really happened mid-run: the fresh worker took over started sagas.
     by_doomed, by_fresh = _touched_by(histories, doomed), _touched_by(histories, fresh)
