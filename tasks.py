@@ -4,6 +4,7 @@
     python3 tasks.py run     # install into .venv, run the checkout demo on embedded PostgreSQL
     python3 tasks.py run serve  # ... or any other saga-orchestrator command
     python3 tasks.py test    # install into .venv, then ruff, mypy and pytest
+    python3 tasks.py chaos   # the chaos suite at full size (figures in test-artifacts/chaos/)
 
 Everything the project needs is installed by this file into ./.venv.
 """
@@ -65,7 +66,20 @@ def cmd_test(args: list[str]) -> int:
     return _run(BIN / "python", "-m", "pytest", *args, check=False)
 
 
-COMMANDS = {"run": cmd_run, "test": cmd_test, "lint": cmd_lint}
+def cmd_chaos(args: list[str]) -> int:
+    """The chaos suite at the issue's sizes, plus the crash tests and fuzzing, then the
+    30-minute soak; `test` runs all of it in a quick mode."""
+    ensure_venv()
+    env = {**os.environ, "SAGA_CHAOS_FULL": "1"}
+    cmd = [str(BIN / "python"), "-m", "pytest", "-p", "no:cacheprovider"]
+    cmd += ["tests/chaos", "tests/e2e/test_crash.py", "tests/fuzz", *args]
+    print("+ SAGA_CHAOS_FULL=1", " ".join(cmd), flush=True)
+    failed = subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+    soak = _run(BIN / "python", "-m", "tests.chaos.soak", "--minutes", "30", check=False)
+    return failed or soak
+
+
+COMMANDS = {"run": cmd_run, "test": cmd_test, "lint": cmd_lint, "chaos": cmd_chaos}
 
 
 def main() -> None:

@@ -113,7 +113,7 @@ async def run_worker(settings: Settings, url: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    engine = make_engine(url, settings.db_pool_size)
+    engine = make_engine(url, settings.db_pool_size, settings.lease_seconds)
     try:
         await Executor(engine, settings, url).run(stop)
     finally:

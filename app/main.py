@@ -54,7 +54,7 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(database_url, settings.db_pool_size)
+        engine = make_engine(database_url, settings.db_pool_size, settings.lease_seconds)
         waiters = SagaWaiters()
         app.state.ctx = AppContext(
             settings=settings,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -58,7 +59,11 @@ class ParticipantClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def call(self, request: HttpRequest, now: datetime | None = None) -> CallResult:
+    async def call(
+        self, request: HttpRequest, now: datetime | None = None, send_by: float | None = None
+    ) -> CallResult:
+        """Make the call. `send_by` (time.monotonic()) is checked right before the request
+        goes out: a process that was paused past it sends nothing (its lease may be gone)."""
         content = None
         if request.body is not None or request.method not in ("GET", "DELETE"):
             content = json.dumps(request.body, separators=(",", ":")).encode()
@@ -71,6 +76,11 @@ class ParticipantClient:
                     content=content,
                     timeout=httpx.Timeout(request.timeout_seconds),
                 )
+                if send_by is not None and time.monotonic() > send_by:
+                    return CallResult(
+                        failure=CallFailure.CONNECT,
+                        message="not sent: this worker was paused past its lease",
+                    )
                 response = await self._client.send(req, stream=True)
                 try:
                     raw = await _read_limited(response)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.settings import Settings, sqlalchemy_url
@@ -51,11 +52,25 @@ def open_database(settings: Settings) -> Database:
     return Database(url=server.get_uri(), embedded=server)
 
 
-def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
+def make_engine(
+    url: str, pool_size: int = 10, idle_in_transaction_seconds: float | None = None
+) -> AsyncEngine:
+    """The pooled engine. With `idle_in_transaction_seconds`, PostgreSQL ends a session
+    that sits that long inside a transaction: a process frozen mid-transaction (SIGSTOP,
+    a paused VM) would otherwise keep its row locks, and since claims skip locked rows,
+    its sagas could not be taken over when their leases expire."""
+    connect_args: dict[str, Any] = {}
+    if idle_in_transaction_seconds:
+        timeout_ms = max(1, round(idle_in_transaction_seconds * 1000))
+        given = make_url(sqlalchemy_url(url)).query.get("options")  # keep the URL's own
+        given = given[-1] if isinstance(given, tuple) else given
+        option = f"-c idle_in_transaction_session_timeout={timeout_ms}"
+        connect_args["options"] = f"{given} {option}" if given else option
     return create_async_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
+        connect_args=connect_args,
     )

@@ -2,7 +2,11 @@
 
 Every write is fenced by (lease_owner, lease_epoch): a worker whose lease expired
 and was taken over gets no row back and must stop. Times come from the database
-clock (`now()`), never from the process.
+clock, never from the process. A lease is extended from `clock_timestamp()`, the
+moment the statement runs, not from `now()`, the start of its transaction: a
+transaction that first waited on a lock (the breaker row) would otherwise commit a
+lease that is already expired, and the saga would be claimed again, by this very
+worker even, while its call is in flight.
 """
 
 from __future__ import annotations
@@ -64,8 +68,8 @@ _LOAD_STEPS = text(
 
 _RENEW = text(
     """
-    UPDATE sagas SET lease_expires_at = now() + make_interval(secs => :lease),
-                     due_at = now() + make_interval(secs => :lease)
+    UPDATE sagas SET lease_expires_at = clock_timestamp() + make_interval(secs => :lease),
+                     due_at = clock_timestamp() + make_interval(secs => :lease)
      WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
     RETURNING id
     """
@@ -115,8 +119,8 @@ _WAIT = text(
 _START_ATTEMPT = text(
     """
     WITH fenced AS (
-      UPDATE sagas SET lease_expires_at = now() + make_interval(secs => :lease),
-                       due_at = now() + make_interval(secs => :lease),
+      UPDATE sagas SET lease_expires_at = clock_timestamp() + make_interval(secs => :lease),
+                       due_at = clock_timestamp() + make_interval(secs => :lease),
                        updated_at = now(),
                        inflight_service = :service,
                        inflight_probe = :probe,
@@ -143,12 +147,13 @@ _FINISH_SAGA_ROW = text(
            error = coalesce(CAST(:error AS jsonb), error),
            updated_at = now(),
            finished_at = CASE WHEN :terminal THEN coalesce(finished_at, now()) ELSE NULL END,
-           due_at = CASE WHEN :keep THEN now() + make_interval(secs => :lease)
+           due_at = CASE WHEN :keep THEN clock_timestamp() + make_interval(secs => :lease)
                          WHEN cancel_requested AND status = 'running' THEN now()
                          WHEN :idle THEN NULL
                          ELSE now() + make_interval(secs => :delay) END,
            lease_owner = CASE WHEN :keep THEN lease_owner ELSE NULL END,
-           lease_expires_at = CASE WHEN :keep THEN now() + make_interval(secs => :lease)
+           lease_expires_at = CASE WHEN :keep
+                                   THEN clock_timestamp() + make_interval(secs => :lease)
                                    ELSE NULL END,
            inflight_service = NULL,
            inflight_probe = false,

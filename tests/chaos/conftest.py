@@ -37,10 +37,12 @@ class Scale:
 
     mode: str
     replica_sagas: int  # item 2: sagas through 3 executors, one paused
+    replica_rate: float  # sagas started per second
     db_sagas: int  # item 3: sagas started before the database faults
     db_restarts: int
     db_terminations: int  # pg_terminate_backend rounds
     fault_sagas: int  # item 4: sagas per (fault kind, rate) cell
+    fault_start_rate: float  # sagas started per second (below what the executor manages)
     same_key_requests: int  # item 5: concurrent starts with one key
     distinct_keys: int  # item 5: distinct keys started in parallel
 
@@ -48,20 +50,24 @@ class Scale:
 QUICK = Scale(
     mode="quick",
     replica_sagas=100,
+    replica_rate=10,
     db_sagas=40,
     db_restarts=2,
     db_terminations=2,
     fault_sagas=24,
+    fault_start_rate=30,
     same_key_requests=200,
-    distinct_keys=300,
+    distinct_keys=1000,
 )
 FULL = Scale(
     mode="full",
     replica_sagas=1000,
+    replica_rate=15,
     db_sagas=200,
     db_restarts=5,
     db_terminations=5,
     fault_sagas=200,
+    fault_start_rate=25,
     same_key_requests=200,
     distinct_keys=1000,
 )

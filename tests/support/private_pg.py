@@ -53,7 +53,7 @@ def _pgserver_bin() -> Path | None:
 def _pgserver_utils() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        from pgserver import utils  # type: ignore[import-untyped]
+        from pgserver import utils
     return utils
 
 
@@ -84,9 +84,10 @@ class PrivatePostgres:
 
     def __init__(self, port: int | None = None) -> None:
         system = _system_bin()
-        self.bin_dir = system or _pgserver_bin()
-        if self.bin_dir is None:
+        bin_dir = system or _pgserver_bin()
+        if bin_dir is None:
             raise RuntimeError("no PostgreSQL binaries: neither system PostgreSQL nor pgserver")
+        self.bin_dir: Path = bin_dir
         self.user = _run_as_user()
         if system is None and self.user is not None:
             _open_up(self.bin_dir)
@@ -149,9 +150,10 @@ class PrivatePostgres:
             "port": str(self.port),
             "unix_socket_directories": f"'{self.socket_dir}'",
             "max_connections": "300",
-            # Speed over durability: the OS never crashes in these tests, only the server.
+            # The OS never crashes in these tests, only the server: what reached the
+            # kernel survives, so fsync can go. synchronous_commit must stay on: an
+            # `immediate` stop would lose commits the clients were told about.
             "fsync": "off",
-            "synchronous_commit": "off",
             "full_page_writes": "off",
             "logging_collector": "off",
         }
@@ -198,7 +200,7 @@ class PrivatePostgres:
 
     def execute(self, statement: str, database: str = "postgres") -> list[tuple[object, ...]]:
         with psycopg.connect(self.database_url(database), autocommit=True) as conn:
-            cur = conn.execute(statement)  # type: ignore[arg-type]
+            cur = conn.execute(statement)
             return cur.fetchall() if cur.description else []
 
     def cleanup(self) -> None:
