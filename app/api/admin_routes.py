@@ -6,20 +6,39 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Response
 
+from app.api import examples
 from app.api.auth import require_admin
 from app.api.context import Ctx
+from app.api.openapi import V1, answer, link, problems
 from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor, valid_offset
 from app.api.problems import Problem
-from app.api.registry_routes import PROBLEMS, NamePath
+from app.api.registry_routes import NamePath
 from app.api.schemas import AuditOut, DeadLetterOut, DiscardRequest, Page, ServiceOut
 from app.domain.definition import NAME_PATTERN
 from app.domain.states import DeadLetterStatus
 from app.store.admin import ActionResult
 
-router = APIRouter(prefix="/v1/admin", responses={403: {"description": "Not the admin token"}})
+router = APIRouter(prefix="/v1/admin")
 Actor = Annotated[str, Depends(require_admin)]
+DeadLetterId = Annotated[uuid.UUID, Path(description="The dead letter's id")]
+ADMIN = (*V1, 403)  # every admin call needs the admin token
+_DL = "$response.body#/items/0/id"
+DEAD_LETTER_LINKS = {
+    "GetDeadLetter": link("GET", "/v1/admin/dead-letters/{dl_id}", "The first one", dl_id=_DL),
+    "RetryDeadLetter": link(
+        "POST", "/v1/admin/dead-letters/{dl_id}/retry", "Retry the first one", dl_id=_DL
+    ),
+    "DiscardDeadLetter": link(
+        "POST", "/v1/admin/dead-letters/{dl_id}/discard", "Discard the first one", dl_id=_DL
+    ),
+}
+DISCARD_BODY = Body(
+    openapi_examples={
+        "by-hand": {"summary": "Fixed by hand", "value": {"reason": "refunded by hand"}}
+    }
+)
 
 
 def _answer(result: ActionResult, message: str, response: Response) -> None:
@@ -31,17 +50,35 @@ def _answer(result: ActionResult, message: str, response: Response) -> None:
 
 
 @router.get(
-    "/dead-letters", response_model=Page, summary="Dead letters, newest first", responses=PROBLEMS
+    "/dead-letters",
+    response_model=Page[DeadLetterOut],
+    summary="Dead letters, newest first",
+    responses={
+        **answer(
+            200,
+            "A page of dead letters, newest first",
+            examples.page(examples.DEAD_LETTER),
+            links=DEAD_LETTER_LINKS,
+        ),
+        **problems(*ADMIN, 422),
+    },
 )
 async def list_dead_letters(
     ctx: Ctx,
     _actor: Actor,
-    status: DeadLetterStatus | None = None,
-    definition: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
-    service: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    status: Annotated[DeadLetterStatus | None, Query(description="Only these")] = None,
+    definition: Annotated[
+        str | None, Query(pattern=NAME_PATTERN, description="Only this definition's")
+    ] = None,
+    service: Annotated[
+        str | None, Query(pattern=NAME_PATTERN, description="Only calls to this service")
+    ] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> Page:
+) -> Page[DeadLetterOut]:
+    """Steps and compensations that exhausted their retries (or failed for good after the
+    pivot, or as a non-critical step), waiting for an operator; filter by `status`
+    (`open`, `retried`, `discarded`), `definition` or `service`."""
     before = None
     raw = decode_cursor(cursor)
     if raw is not None:
@@ -53,16 +90,21 @@ async def list_dead_letters(
     next_cursor = None
     if len(views) == limit:
         next_cursor = encode_cursor([views[-1].created_at.isoformat(), str(views[-1].id)])
-    return Page(items=[DeadLetterOut.of(v) for v in views], next_cursor=next_cursor)
+    return Page[DeadLetterOut](items=[DeadLetterOut.of(v) for v in views], next_cursor=next_cursor)
 
 
 @router.get(
     "/dead-letters/{dl_id}",
     response_model=DeadLetterOut,
-    responses=PROBLEMS,
+    responses={
+        **answer(200, "The dead letter", examples.DEAD_LETTER),
+        **problems(*ADMIN, 404, 422, notes={404: "No dead letter with this id."}),
+    },
     summary="One dead letter",
 )
-async def get_dead_letter(dl_id: uuid.UUID, ctx: Ctx, _actor: Actor) -> DeadLetterOut:
+async def get_dead_letter(dl_id: DeadLetterId, ctx: Ctx, _actor: Actor) -> DeadLetterOut:
+    """One dead letter: the saga, step and direction, the attempts, the last error and the
+    request that was sent (secret header values masked)."""
     view = await ctx.admin.dead_letter(dl_id)
     if view is None:
         raise Problem(404, f"no dead letter with id {dl_id}", slug="unknown-dead-letter")
@@ -75,14 +117,31 @@ async def get_dead_letter(dl_id: uuid.UUID, ctx: Ctx, _actor: Actor) -> DeadLett
     status_code=202,
     summary="Run the step or compensation again with fresh attempts and the same key",
     responses={
-        200: {"description": "Already retried"},
-        409: {"description": "Not retryable"},
-        **PROBLEMS,
+        **answer(202, "Retrying", {**examples.DEAD_LETTER, "status": "retried"}),
+        **answer(
+            200,
+            "Already retried: nothing changed",
+            {**examples.DEAD_LETTER, "status": "retried"},
+            model=DeadLetterOut,
+        ),
+        **problems(
+            *ADMIN,
+            404,
+            409,
+            415,
+            422,
+            notes={
+                404: "No dead letter with this id.",
+                409: "The dead letter was discarded, or its saga cannot take it up again.",
+            },
+        ),
     },
 )
 async def retry_dead_letter(
-    dl_id: uuid.UUID, ctx: Ctx, actor: Actor, response: Response
+    dl_id: DeadLetterId, ctx: Ctx, actor: Actor, response: Response
 ) -> DeadLetterOut:
+    """Run the step or compensation again with fresh attempts and the same
+    Idempotency-Key; a `failed` saga resumes compensating. Recorded in the audit log."""
     result, message = await ctx.admin.retry_dead_letter(dl_id, actor)
     _answer(result, message, response)
     return await get_dead_letter(dl_id, ctx, actor)
@@ -94,14 +153,36 @@ async def retry_dead_letter(
     status_code=202,
     summary="Close a dead letter without running it, with a reason",
     responses={
-        200: {"description": "Already discarded"},
-        409: {"description": "Retried"},
-        **PROBLEMS,
+        **answer(
+            202,
+            "Discarded",
+            {**examples.DEAD_LETTER, "status": "discarded", "reason": "refunded by hand"},
+        ),
+        **answer(
+            200,
+            "Already discarded: nothing changed",
+            {**examples.DEAD_LETTER, "status": "discarded", "reason": "refunded by hand"},
+            model=DeadLetterOut,
+        ),
+        **problems(
+            *ADMIN,
+            404,
+            409,
+            415,
+            422,
+            notes={404: "No dead letter with this id.", 409: "The dead letter was retried."},
+        ),
     },
 )
 async def discard_dead_letter(
-    dl_id: uuid.UUID, body: DiscardRequest, ctx: Ctx, actor: Actor, response: Response
+    dl_id: DeadLetterId,
+    body: Annotated[DiscardRequest, DISCARD_BODY],
+    ctx: Ctx,
+    actor: Actor,
+    response: Response,
 ) -> DeadLetterOut:
+    """Close a dead letter without running it, with the operator's `reason` (for example,
+    the effect was undone by hand). Recorded in the audit log."""
     result, message = await ctx.admin.discard_dead_letter(dl_id, actor, body.reason)
     _answer(result, message, response)
     return await get_dead_letter(dl_id, ctx, actor)
@@ -111,9 +192,14 @@ async def discard_dead_letter(
     "/services/{name}/circuit/reset",
     response_model=ServiceOut,
     summary="Close a service's circuit now",
-    responses=PROBLEMS,
+    responses={
+        **answer(200, "The service, its circuit closed", examples.SERVICE_OUT),
+        **problems(*ADMIN, 404, 415, 422, notes={404: "No service with this name."}),
+    },
 )
 async def reset_circuit(name: NamePath, ctx: Ctx, actor: Actor) -> ServiceOut:
+    """Close the service's circuit breaker and clear its failure count, for every executor
+    at once. Recorded in the audit log."""
     if not await ctx.admin.reset_circuit(name, actor):
         raise Problem(404, f"no service named '{name}'", slug="unknown-service")
     record = await ctx.registry.get_service(name)
@@ -123,12 +209,21 @@ async def reset_circuit(name: NamePath, ctx: Ctx, actor: Actor) -> ServiceOut:
 
 
 @router.get(
-    "/audit", response_model=Page, summary="Admin actions, newest first", responses=PROBLEMS
+    "/audit",
+    response_model=Page[AuditOut],
+    summary="Admin actions, newest first",
+    responses={
+        **answer(200, "A page of admin actions, newest first", examples.page(examples.AUDIT)),
+        **problems(*ADMIN, 422),
+    },
 )
-async def audit_log(ctx: Ctx, _actor: Actor, limit: Limit = 50, cursor: Cursor = None) -> Page:
+async def audit_log(
+    ctx: Ctx, _actor: Actor, limit: Limit = 50, cursor: Cursor = None
+) -> Page[AuditOut]:
+    """Who (token id) did what (retry, discard, circuit reset) to which target, and when."""
     before = decode_cursor(cursor)
     if before is not None and not valid_offset(before):
         raise bad_cursor()
     rows = await ctx.admin.audit_log(limit, before)
     next_cursor = encode_cursor(rows[-1]["id"]) if len(rows) == limit else None
-    return Page(items=[AuditOut.model_validate(r) for r in rows], next_cursor=next_cursor)
+    return Page[AuditOut](items=[AuditOut.model_validate(r) for r in rows], next_cursor=next_cursor)

@@ -10,19 +10,46 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from app.api.context import Ctx
+from app.api.openapi import answer, problems
 from app.api.problems import problem_response
+from app.api.schemas import HealthOut, ReadyOut
 from app.store.migrate import head_revision
 
 router = APIRouter()
+METRICS_EXAMPLE = """# HELP saga_started_total Sagas started
+# TYPE saga_started_total counter
+saga_started_total{definition="checkout"} 42.0
+"""
 
 
-@router.get("/healthz", summary="Liveness")
+@router.get(
+    "/healthz",
+    summary="Liveness",
+    response_model=HealthOut,
+    responses={**answer(200, "The process answers", {"status": "ok"}), **problems(400, 413)},
+)
 async def healthz() -> dict[str, str]:
+    """`200` while the process serves HTTP; it does not touch the database."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness", responses={503: {"description": "Not ready"}})
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    response_model=ReadyOut,
+    responses={
+        **answer(200, "Ready", {"status": "ready", "schema": "0002_bulkhead"}),
+        **problems(
+            400,
+            413,
+            503,
+            notes={503: "Not ready: the database is unreachable or its schema is not at head."},
+        ),
+    },
+)
 async def readyz(ctx: Ctx) -> Any:
+    """`200` when the database answers and its schema is at the latest migration; else
+    `503` with `Retry-After`. Load balancers route to ready processes only."""
     try:
         async with ctx.engine.connect() as conn:
             current = (
@@ -46,7 +73,21 @@ async def readyz(ctx: Ctx) -> Any:
     return JSONResponse({"status": "ready", "schema": current})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}, "example": METRICS_EXAMPLE}},
+        },
+        **problems(400, 413, 503),
+    },
+)
 async def metrics(ctx: Ctx) -> Response:
+    """Counters and histograms of this process (sagas started and finished, attempts,
+    durations), plus figures shared by all processes (sagas by status, dead letters open,
+    circuit states), in the Prometheus text format."""
     shared = await ctx.stats.shared_figures()
     return Response(ctx.metrics.render(shared), media_type=CONTENT_TYPE_LATEST)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Body, Depends, Path, Response
 
+from app.api import examples
 from app.api.auth import require_api
 from app.api.context import Ctx
+from app.api.openapi import V1, answer, link, problems
 from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from app.api.problems import Problem
 from app.api.schemas import DefinitionOut, Page, ServiceOut
@@ -22,13 +24,38 @@ from app.domain.definition import (
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api)])
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, description="lowercase name")]
-PROBLEMS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Malformed request"},
-    401: {"description": "Missing or wrong token"},
-    404: {"description": "Not found"},
-    413: {"description": "Body over 1 MiB"},
-    422: {"description": "Invalid fields; `errors` says which"},
+SERVICE_BODY = Body(
+    openapi_examples={
+        "payments": {"summary": "A payments service", "value": examples.SERVICE_SPEC},
+        "minimal": {"summary": "Only the URL", "value": {"base_url": "http://127.0.0.1:9001"}},
+    }
+)
+SERVICE_LINKS = {
+    "GetService": link("GET", "/v1/services/{name}", "The service", name="$response.body#/name"),
+    "ResetCircuit": link(
+        "POST",
+        "/v1/admin/services/{name}/circuit/reset",
+        "Close its circuit",
+        name="$response.body#/name",
+    ),
 }
+DEFINITION_LINKS = {
+    "GetDefinition": link(
+        "GET", "/v1/definitions/{name}", "Its latest version", name="$response.body#/name"
+    ),
+    "GetDefinitionVersion": link(
+        "GET",
+        "/v1/definitions/{name}/versions/{version}",
+        "This version",
+        name="$response.body#/name",
+        version="$response.body#/version",
+    ),
+}
+DEFINITION_BODY = Body(
+    openapi_examples={
+        "checkout": {"summary": "Charge, then create the order", "value": examples.DEFINITION_SPEC}
+    }
+)
 
 
 def _cursor_name(cursor: str | None) -> str | None:
@@ -42,12 +69,35 @@ def _cursor_name(cursor: str | None) -> str | None:
     "/services/{name}",
     response_model=ServiceOut,
     status_code=200,
-    responses={201: {"model": ServiceOut, "description": "Registered"}, **PROBLEMS},
+    responses={
+        **answer(200, "Replaced: the service existed", examples.SERVICE_OUT, links=SERVICE_LINKS),
+        **answer(201, "Registered", examples.SERVICE_OUT, model=ServiceOut, links=SERVICE_LINKS),
+        **problems(
+            *V1,
+            415,
+            422,
+            notes={
+                404: "No such endpoint: the name has a `/` in it.",
+                422: "Invalid fields, or `base_url`'s host is not allowed by SAGA_ALLOWED_HOSTS; "
+                "`errors` says which.",
+            },
+        ),
+    },
     summary="Register or replace a participant service",
 )
 async def put_service(
-    name: NamePath, spec: ServiceSpec, ctx: Ctx, response: Response
+    name: NamePath,
+    spec: Annotated[ServiceSpec, SERVICE_BODY],
+    ctx: Ctx,
+    response: Response,
 ) -> ServiceOut:
+    """Register the participant service `name`, or replace its settings (`200`).
+
+    Steps reach it by name: its `base_url` and `headers` apply to every call, its
+    `timeout_seconds` is the default per-attempt timeout, `max_concurrency` caps the
+    calls in flight across all executors, and `circuit_breaker` tunes its breaker.
+    Header values are secrets: they are never echoed back.
+    """
     if not host_allowed(spec.base_url, ctx.settings.allowed_host_patterns):
         raise Problem(
             422,
@@ -62,20 +112,34 @@ async def put_service(
     return ServiceOut.of(record)
 
 
-@router.get("/services", response_model=Page, summary="List services", responses=PROBLEMS)
-async def list_services(ctx: Ctx, limit: Limit = 50, cursor: Cursor = None) -> Page:
+@router.get(
+    "/services",
+    response_model=Page[ServiceOut],
+    summary="List services",
+    responses={
+        **answer(200, "A page of services, by name", examples.page(examples.SERVICE_OUT)),
+        **problems(*V1, 422),
+    },
+)
+async def list_services(ctx: Ctx, limit: Limit = 50, cursor: Cursor = None) -> Page[ServiceOut]:
+    """The registered services in name order, with their live circuit state."""
     records = await ctx.registry.list_services(limit, _cursor_name(cursor))
     next_cursor = encode_cursor(records[-1].name) if len(records) == limit else None
-    return Page(items=[ServiceOut.of(r) for r in records], next_cursor=next_cursor)
+    return Page[ServiceOut](items=[ServiceOut.of(r) for r in records], next_cursor=next_cursor)
 
 
 @router.get(
     "/services/{name}",
     response_model=ServiceOut,
     summary="One service with its live state",
-    responses=PROBLEMS,
+    responses={
+        **answer(200, "The service", examples.SERVICE_OUT),
+        **problems(*V1, 404, 422, notes={404: "No service with this name."}),
+    },
 )
 async def get_service(name: NamePath, ctx: Ctx) -> ServiceOut:
+    """One service's settings and live state: `circuit_state` (`closed`, `open`,
+    `half_open`), `consecutive_failures`, `opened_at` and the calls `in_flight` now."""
     record = await ctx.registry.get_service(name)
     if record is None:
         raise Problem(404, f"no service named '{name}'", slug="unknown-service")
@@ -86,10 +150,40 @@ async def get_service(name: NamePath, ctx: Ctx) -> ServiceOut:
     "/definitions",
     response_model=DefinitionOut,
     status_code=201,
-    responses={200: {"model": DefinitionOut, "description": "Same as the latest"}, **PROBLEMS},
+    responses={
+        **answer(
+            200,
+            "Same content as the latest version: that version",
+            examples.DEFINITION_OUT,
+            model=DefinitionOut,
+            links=DEFINITION_LINKS,
+        ),
+        **answer(
+            201, "Registered as a new version", examples.DEFINITION_OUT, links=DEFINITION_LINKS
+        ),
+        **problems(
+            *V1,
+            415,
+            422,
+            notes={
+                422: "Invalid fields, or a rule broken: an unknown service, a template "
+                "reference to an unknown or later step, a step name used twice, more than one "
+                "pivot, a URL host not allowed; `errors` says which."
+            },
+        ),
+    },
     summary="Register a definition (a new version when the content changed)",
 )
-async def post_definition(spec: DefinitionSpec, ctx: Ctx, response: Response) -> DefinitionOut:
+async def post_definition(
+    spec: Annotated[DefinitionSpec, DEFINITION_BODY], ctx: Ctx, response: Response
+) -> DefinitionOut:
+    """Register a saga definition: named steps, each an `action` and an optional
+    `compensation` HTTP call, with retry policies, timeouts and templates.
+
+    The same name and content as the latest version answers `200` with that version
+    (idempotent); new content answers `201` with `version` + 1. Running sagas keep the
+    version they started with.
+    """
     wanted = {
         s.service for st in spec.steps for s in (st.action, st.compensation) if s and s.service
     }
@@ -111,23 +205,35 @@ async def post_definition(spec: DefinitionSpec, ctx: Ctx, response: Response) ->
 
 @router.get(
     "/definitions",
-    response_model=Page,
+    response_model=Page[DefinitionOut],
     summary="Latest version of each definition",
-    responses=PROBLEMS,
+    responses={
+        **answer(200, "A page of definitions, by name", examples.page(examples.DEFINITION_OUT)),
+        **problems(*V1, 422),
+    },
 )
-async def list_definitions(ctx: Ctx, limit: Limit = 50, cursor: Cursor = None) -> Page:
+async def list_definitions(
+    ctx: Ctx, limit: Limit = 50, cursor: Cursor = None
+) -> Page[DefinitionOut]:
+    """The latest version of every definition, in name order."""
     records = await ctx.registry.list_definitions(limit, _cursor_name(cursor))
     next_cursor = encode_cursor(records[-1].name) if len(records) == limit else None
-    return Page(items=[DefinitionOut.of(r) for r in records], next_cursor=next_cursor)
+    return Page[DefinitionOut](
+        items=[DefinitionOut.of(r) for r in records], next_cursor=next_cursor
+    )
 
 
 @router.get(
     "/definitions/{name}",
     response_model=DefinitionOut,
     summary="Latest version",
-    responses=PROBLEMS,
+    responses={
+        **answer(200, "The latest version", examples.DEFINITION_OUT),
+        **problems(*V1, 404, 422, notes={404: "No definition with this name."}),
+    },
 )
 async def get_definition(name: NamePath, ctx: Ctx) -> DefinitionOut:
+    """The latest version of the definition `name`, with every default filled in."""
     record = await ctx.registry.get_definition(name)
     if record is None:
         raise Problem(404, f"no definition named '{name}'", slug="unknown-definition")
@@ -138,11 +244,17 @@ async def get_definition(name: NamePath, ctx: Ctx) -> DefinitionOut:
     "/definitions/{name}/versions/{version}",
     response_model=DefinitionOut,
     summary="One version",
-    responses=PROBLEMS,
+    responses={
+        **answer(200, "That version", examples.DEFINITION_OUT),
+        **problems(*V1, 404, 422, notes={404: "No such definition, or not that version."}),
+    },
 )
 async def get_definition_version(
-    name: NamePath, version: Annotated[int, Path(ge=1, le=2_000_000_000)], ctx: Ctx
+    name: NamePath,
+    version: Annotated[int, Path(ge=1, le=2_000_000_000, description="1, 2, …")],
+    ctx: Ctx,
 ) -> DefinitionOut:
+    """One version of a definition: what the sagas started on it run."""
     record = await ctx.registry.get_definition(name, version)
     if record is None:
         raise Problem(404, f"definition '{name}' has no version {version}", slug="unknown-version")

@@ -12,14 +12,15 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
 
+from app.api import examples
 from app.api.auth import require_api
 from app.api.context import Ctx
 from app.api.middleware import request_id_var
+from app.api.openapi import IDEMPOTENT_REPLAYED, LOCATION, V1, answer, problems, saga_links
 from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor, valid_offset
 from app.api.problems import Problem
-from app.api.registry_routes import PROBLEMS
 from app.api.schemas import EventOut, Page, SagaOut, SagaStart
 from app.domain.definition import NAME_PATTERN
 from app.domain.planner import SagaState, StepState, pivot_passed
@@ -29,7 +30,19 @@ from app.store.sagas import CancelResult, NewSaga, StartResult
 router = APIRouter(prefix="/v1/sagas", dependencies=[Depends(require_api)])
 _KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+# What `_KEY` accepts, minus the leading and trailing spaces HTTP strips from a header value.
+_KEY_SCHEMA = {"pattern": r"^[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?$", "maxLength": 255}
 MAX_WAIT_SECONDS = 30
+SagaId = Annotated[uuid.UUID, Path(description="The saga's id")]
+SAGA_START_BODY = Body(
+    openapi_examples={
+        "checkout": {"summary": "Start a checkout", "value": examples.SAGA_START},
+        "pinned": {
+            "summary": "On version 1 of the definition",
+            "value": {**examples.SAGA_START, "version": 1},
+        },
+    }
+)
 
 
 def fingerprint(body: SagaStart) -> str:
@@ -55,18 +68,63 @@ async def _saga_or_404(ctx: Ctx, saga_id: uuid.UUID) -> SagaOut:
     response_model=SagaOut,
     status_code=201,
     summary="Start a saga",
-    responses={200: {"model": SagaOut, "description": "Replay of an idempotency key"}, **PROBLEMS},
+    responses={
+        **answer(
+            201,
+            "Started",
+            {**examples.SAGA_OUT, "status": "running"},
+            headers={"Location": LOCATION},
+            links=saga_links(),
+        ),
+        **answer(
+            200,
+            "Replay: this Idempotency-Key started this saga with the same definition and input",
+            examples.SAGA_OUT,
+            model=SagaOut,
+            headers={"Location": LOCATION, "Idempotent-Replayed": IDEMPOTENT_REPLAYED},
+            links=saga_links(),
+        ),
+        **problems(
+            *V1,
+            415,
+            422,
+            notes={
+                422: "Invalid fields, a bad Idempotency-Key, an unknown definition or version, "
+                "or an Idempotency-Key used before with another definition or input.",
+                503: "The database is unavailable, or (with `fail_fast`) the first service's "
+                "circuit is open; retry after `Retry-After` seconds.",
+            },
+        ),
+    },
 )
 async def start_saga(
-    body: SagaStart,
+    body: Annotated[SagaStart, SAGA_START_BODY],
     ctx: Ctx,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-    traceparent: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="1-255 printable ASCII characters: one saga per key, whatever the "
+            "number of requests.",
+            json_schema_extra=_KEY_SCHEMA,
+            examples=["order-1001"],
+        ),
+    ] = None,
+    traceparent: Annotated[
+        str | None, Header(description="W3C trace context; ignored when malformed.")
+    ] = None,
     fail_fast: Annotated[
         bool, Query(description="503 instead of waiting when the first service's circuit is open")
     ] = False,
 ) -> SagaOut:
+    """Start a saga on the latest (or the given) `version` of a definition with `input`.
+
+    With `Idempotency-Key`, the first request creates the saga (`201`) and every later one
+    with the same definition and input answers `200` with the saga as it is now and
+    `Idempotent-Replayed: true`; the same key with anything else is `422`. Any number of
+    concurrent requests with one key create exactly one saga.
+    """
     if idempotency_key is not None and not _KEY.match(idempotency_key):
         raise Problem(
             422,
@@ -127,14 +185,25 @@ async def start_saga(
     return await _saga_or_404(ctx, saga_id)
 
 
-@router.get("", response_model=Page, summary="List sagas, newest first", responses=PROBLEMS)
+@router.get(
+    "",
+    response_model=Page[SagaOut],
+    summary="List sagas, newest first",
+    responses={
+        **answer(200, "A page of sagas, newest first", examples.page(examples.SAGA_OUT)),
+        **problems(*V1, 422),
+    },
+)
 async def list_sagas(
     ctx: Ctx,
-    status: SagaStatus | None = None,
-    definition: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    status: Annotated[SagaStatus | None, Query(description="Only sagas in this status")] = None,
+    definition: Annotated[
+        str | None, Query(pattern=NAME_PATTERN, description="Only sagas of this definition")
+    ] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> Page:
+) -> Page[SagaOut]:
+    """Sagas, newest first, optionally only those with a `status` or of a `definition`."""
     before = None
     raw = decode_cursor(cursor)
     if raw is not None:
@@ -147,17 +216,30 @@ async def list_sagas(
     if len(views) == limit:
         last = views[-1]
         next_cursor = encode_cursor([last.created_at.isoformat(), str(last.id)])
-    return Page(items=[SagaOut.of(v) for v in views], next_cursor=next_cursor)
+    return Page[SagaOut](items=[SagaOut.of(v) for v in views], next_cursor=next_cursor)
 
 
-@router.get("/{saga_id}", response_model=SagaOut, summary="One saga", responses=PROBLEMS)
+@router.get(
+    "/{saga_id}",
+    response_model=SagaOut,
+    summary="One saga",
+    responses={
+        **answer(200, "The saga with its steps", examples.SAGA_OUT),
+        **problems(*V1, 404, 422, notes={404: "No saga with this id."}),
+    },
+)
 async def get_saga(
-    saga_id: uuid.UUID,
+    saga_id: SagaId,
     ctx: Ctx,
     wait_seconds: Annotated[
         float, Query(ge=0, le=MAX_WAIT_SECONDS, description="Long-poll until terminal")
     ] = 0,
 ) -> SagaOut:
+    """The saga, its status, error and every step's status, attempts and response.
+
+    With `wait_seconds` (at most 30) the answer comes as soon as the saga is terminal
+    (`completed`, `compensated` or `failed`) or when the time is up.
+    """
     if wait_seconds <= 0:
         return await _saga_or_404(ctx, saga_id)
     # Register before reading so that a notification between the two is not missed.
@@ -178,11 +260,19 @@ async def get_saga(
 
 
 @router.get(
-    "/{saga_id}/events", response_model=Page, summary="Append-only history", responses=PROBLEMS
+    "/{saga_id}/events",
+    response_model=Page[EventOut],
+    summary="Append-only history",
+    responses={
+        **answer(200, "A page of events, oldest first", examples.page(examples.EVENT)),
+        **problems(*V1, 404, 422, notes={404: "No saga with this id."}),
+    },
 )
 async def saga_events(
-    saga_id: uuid.UUID, ctx: Ctx, limit: Limit = 500, cursor: Cursor = None
-) -> Page:
+    saga_id: SagaId, ctx: Ctx, limit: Limit = 500, cursor: Cursor = None
+) -> Page[EventOut]:
+    """The saga's history, oldest first: its start, every attempt of every action and
+    compensation (time, duration, outcome, status code or error) and its end."""
     after = decode_cursor(cursor)
     if after is not None and not valid_offset(after):
         raise bad_cursor()
@@ -190,7 +280,7 @@ async def saga_events(
         raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
     rows = await ctx.sagas.events(saga_id, limit, after)
     next_cursor = encode_cursor(rows[-1]["id"]) if len(rows) == limit else None
-    return Page(
+    return Page[EventOut](
         items=[EventOut.model_validate(r) for r in rows],
         next_cursor=next_cursor,
     )
@@ -201,9 +291,28 @@ async def saga_events(
     response_model=SagaOut,
     status_code=202,
     summary="Stop forward progress and compensate",
-    responses={409: {"description": "Already terminal, or past its pivot"}, **PROBLEMS},
+    responses={
+        **answer(
+            202,
+            "Cancellation requested: the saga compensates",
+            {**examples.SAGA_OUT, "cancel_requested": True},
+        ),
+        **problems(
+            *V1,
+            404,
+            409,
+            415,
+            422,
+            notes={
+                404: "No saga with this id.",
+                409: "The saga is already terminal, or past its pivot step.",
+            },
+        ),
+    },
 )
-async def cancel_saga(saga_id: uuid.UUID, ctx: Ctx) -> SagaOut:
+async def cancel_saga(saga_id: SagaId, ctx: Ctx) -> SagaOut:
+    """Ask the saga to stop going forward and compensate its completed steps (error kind
+    `cancelled`). `409` when it is already terminal or has passed its pivot step."""
     view = await ctx.sagas.get(saga_id)
     if view is None:
         raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.domain.definition import CircuitBreakerConfig, Document, Name, StepSpec
 from app.domain.states import CircuitState, SagaStatus, StepStatus
@@ -14,11 +14,43 @@ from app.store.registry import DefinitionRecord, ServiceRecord
 from app.store.sagas import SagaView
 
 REDACTED = "[redacted]"
+T = TypeVar("T")
 
 
-class Page(BaseModel):
-    items: list[Any]
+class Page(BaseModel, Generic[T]):
+    """One page of a list; pass `next_cursor` back as `cursor` for the next (null: the end)."""
+
+    items: list[T]
     next_cursor: str | None
+
+
+class ProblemError(BaseModel):
+    """One thing to fix: where (`loc`, e.g. `["body", "steps", 0, "name"]`), what, and a kind."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ProblemDetails(BaseModel):
+    """RFC 9457 problem details: the body of every 4xx and 5xx answer."""
+
+    model_config = ConfigDict(title="Problem")
+
+    type: str = Field(examples=["urn:saga-orchestrator:problem:validation"])
+    title: str = Field(examples=["Unprocessable content"])
+    status: int = Field(ge=400, le=599, examples=[422])
+    detail: str = Field(examples=["the request has invalid fields: see errors"])
+    errors: list[ProblemError]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready"]
+    schema_revision: str | None = Field(alias="schema")
 
 
 class ServiceOut(BaseModel):

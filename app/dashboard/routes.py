@@ -11,8 +11,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from app.api import examples
 from app.api.auth import Tokens, require_admin
 from app.api.context import AppContext, Ctx
+from app.api.openapi import V1, answer, problems
 from app.dashboard import auth
 from app.dashboard.service import Dashboard
 from app.domain.definition import NAME_PATTERN
@@ -212,6 +214,16 @@ async def audit(request: Request, ctx: Ctx, cookie: Session) -> HTMLResponse:
     return render(request, "audit.html", cookie, items=await Dashboard(ctx).audit())
 
 
-@api.get("/dashboard", summary="The dashboard's figures as JSON")
+@api.get(
+    "/dashboard",
+    summary="The dashboard's figures as JSON",
+    responses={
+        **answer(200, "The figures", examples.DASHBOARD),
+        **problems(*V1, 403),
+    },
+)
 async def dashboard_json(ctx: Ctx, _actor: Annotated[str, Depends(require_admin)]) -> Any:
+    """Sagas by status and definition, in flight, throughput and failure rate over the last
+    hour in 5-minute buckets, dead letters open, executor lag, each service's circuit state
+    and calls in flight, and the latest failed sagas."""
     return await Dashboard(ctx).overview()
