@@ -297,8 +297,8 @@ class Executor:
         if service is not None and call_spec.service is not None:
             gate = self._gate(call_spec.service, service, work, spec, forward)
         prior_maybe_applied = row.maybe_applied
-        committed_at = time.monotonic()
         attempt = await self.store.start_attempt(work, call.index, call.direction, row.name, gate)
+        committed_at = time.monotonic()  # the lease runs from the commit (clock_timestamp)
         if attempt is None:
             raise LeaseLost
         if isinstance(attempt, Denied):
@@ -330,8 +330,8 @@ class Executor:
                     work.traceparent, f"{step_spec.name} {call.direction.value}", attributes
                 ) as trace_headers:
                     request.headers.update(trace_headers)
-                    # The lease was set when start_attempt began; a process paused for
-                    # half of it since then must not send (another may own the saga).
+                    # A process paused for half a lease since start_attempt committed
+                    # must not send: another may own the saga by now.
                     send_by = committed_at + self.settings.lease_seconds / 2
                     result = await self._with_lease(
                         work,
