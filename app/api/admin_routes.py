@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Response
@@ -12,7 +11,16 @@ from app.api import examples
 from app.api.auth import require_admin
 from app.api.context import Ctx
 from app.api.openapi import V1, answer, link, problems
-from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor, valid_offset
+from app.api.pagination import (
+    Cursor,
+    Limit,
+    bad_cursor,
+    decode_cursor,
+    decode_time_cursor,
+    encode_cursor,
+    time_cursor_after,
+    valid_offset,
+)
 from app.api.problems import Problem
 from app.api.registry_routes import NamePath
 from app.api.schemas import AuditOut, DeadLetterOut, DiscardRequest, Page, ServiceOut
@@ -79,18 +87,11 @@ async def list_dead_letters(
     """Steps and compensations that exhausted their retries (or failed for good after the
     pivot, or as a non-critical step), waiting for an operator; filter by `status`
     (`open`, `retried`, `discarded`), `definition` or `service`."""
-    before = None
-    raw = decode_cursor(cursor)
-    if raw is not None:
-        try:
-            before = (datetime.fromisoformat(raw[0]), uuid.UUID(raw[1]))
-        except (TypeError, ValueError, IndexError, KeyError):
-            raise bad_cursor() from None
+    before = decode_time_cursor(cursor)
     views = await ctx.admin.dead_letters(limit, status, definition, service, before)
-    next_cursor = None
-    if len(views) == limit:
-        next_cursor = encode_cursor([views[-1].created_at.isoformat(), str(views[-1].id)])
-    return Page[DeadLetterOut](items=[DeadLetterOut.of(v) for v in views], next_cursor=next_cursor)
+    return Page[DeadLetterOut](
+        items=[DeadLetterOut.of(v) for v in views], next_cursor=time_cursor_after(views, limit)
+    )
 
 
 @router.get(

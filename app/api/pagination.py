@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Query
@@ -29,6 +32,25 @@ def decode_cursor(cursor: str | None) -> Any:
         return json.loads(base64.urlsafe_b64decode(padded.encode()))
     except (ValueError, UnicodeDecodeError):
         raise bad_cursor() from None
+
+
+def decode_time_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """A (created_at, id) keyset cursor of a newest-first list."""
+    raw = decode_cursor(cursor)
+    if raw is None:
+        return None
+    try:
+        return datetime.fromisoformat(raw[0]), uuid.UUID(raw[1])
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise bad_cursor() from None
+
+
+def time_cursor_after(items: Sequence[Any], limit: int) -> str | None:
+    """The next page's cursor: the last item's (created_at, id), when the page was full."""
+    if len(items) < limit:
+        return None
+    last = items[-1]
+    return encode_cursor([last.created_at.isoformat(), str(last.id)])
 
 
 def valid_offset(value: object) -> bool:

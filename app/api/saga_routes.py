@@ -9,7 +9,6 @@ import json
 import math
 import re
 import uuid
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
@@ -19,7 +18,16 @@ from app.api.auth import require_api
 from app.api.context import Ctx
 from app.api.middleware import request_id_var
 from app.api.openapi import IDEMPOTENT_REPLAYED, LOCATION, V1, answer, problems, saga_links
-from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor, valid_offset
+from app.api.pagination import (
+    Cursor,
+    Limit,
+    bad_cursor,
+    decode_cursor,
+    decode_time_cursor,
+    encode_cursor,
+    time_cursor_after,
+    valid_offset,
+)
 from app.api.problems import Problem
 from app.api.schemas import EventOut, Page, SagaOut, SagaStart
 from app.domain.definition import NAME_PATTERN
@@ -204,19 +212,10 @@ async def list_sagas(
     cursor: Cursor = None,
 ) -> Page[SagaOut]:
     """Sagas, newest first, optionally only those with a `status` or of a `definition`."""
-    before = None
-    raw = decode_cursor(cursor)
-    if raw is not None:
-        try:
-            before = (datetime.fromisoformat(raw[0]), uuid.UUID(raw[1]))
-        except (TypeError, ValueError, IndexError, KeyError):
-            raise bad_cursor() from None
-    views = await ctx.sagas.list_page(limit, status, definition, before)
-    next_cursor = None
-    if len(views) == limit:
-        last = views[-1]
-        next_cursor = encode_cursor([last.created_at.isoformat(), str(last.id)])
-    return Page[SagaOut](items=[SagaOut.of(v) for v in views], next_cursor=next_cursor)
+    views = await ctx.sagas.list_page(limit, status, definition, decode_time_cursor(cursor))
+    return Page[SagaOut](
+        items=[SagaOut.of(v) for v in views], next_cursor=time_cursor_after(views, limit)
+    )
 
 
 @router.get(
