@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +14,16 @@ from app.api.middleware import request_id_var
 _STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime"}
 REDACTED = "[redacted]"
 _SECRET_KEYS = {"authorization", "token", "password", "headers"}
+
+
+def safe_traceback(exc: BaseException, frames: int = 8) -> str:
+    """Where an exception came from, without its message: messages of unexpected errors
+    can carry request data (inputs, responses, header values), frames cannot."""
+    summary = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in summary if "/app/" in f.filename.replace("\\", "/")]
+    chosen = (own or summary)[-frames:]
+    places = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in chosen]
+    return " < ".join(reversed(places)) + f" ({type(exc).__name__})"
 
 
 class JsonFormatter(logging.Formatter):

@@ -31,7 +31,6 @@ from app.api.pagination import (
 from app.api.problems import Problem
 from app.api.schemas import EventOut, Page, SagaOut, SagaStart
 from app.domain.definition import NAME_PATTERN
-from app.domain.planner import SagaState, StepState, pivot_passed
 from app.domain.states import SagaStatus
 from app.store.sagas import CancelResult, NewSaga, StartResult
 
@@ -304,7 +303,8 @@ async def saga_events(
             422,
             notes={
                 404: "No saga with this id.",
-                409: "The saga is already terminal, or past its pivot step.",
+                409: "The saga is already terminal, or its pivot step is in flight or has "
+                "succeeded.",
             },
         ),
     },
@@ -312,21 +312,17 @@ async def saga_events(
 async def cancel_saga(saga_id: SagaId, ctx: Ctx) -> SagaOut:
     """Ask the saga to stop going forward and compensate its completed steps (error kind
     `cancelled`). `409` when it is already terminal or has passed its pivot step."""
-    view = await ctx.sagas.get(saga_id)
-    if view is None:
-        raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
-    if view.status.terminal:
-        raise Problem(409, f"saga is already {view.status.value}", slug="saga-terminal")
-    definition = await ctx.registry.get_definition(view.definition, view.definition_version)
-    if definition is not None and view.status is SagaStatus.RUNNING:
-        state = SagaState(view.status, [StepState(s.name, s.status) for s in view.steps])
-        if pivot_passed(definition.spec, state):
-            raise Problem(
-                409, "saga is past its pivot step and can only go forward", slug="past-pivot"
-            )
     result = await ctx.sagas.request_cancel(saga_id)
-    if result is CancelResult.TERMINAL:
-        raise Problem(409, "saga is already terminal", slug="saga-terminal")
     if result is CancelResult.NOT_FOUND:
         raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
+    if result is CancelResult.TERMINAL:
+        saga = await _saga_or_404(ctx, saga_id)
+        raise Problem(409, f"saga is already {saga.status.value}", slug="saga-terminal")
+    if result is CancelResult.PAST_PIVOT:
+        raise Problem(
+            409,
+            "the saga's pivot step is in flight or has succeeded: past the point of no "
+            "return it can only go forward",
+            slug="past-pivot",
+        )
     return await _saga_or_404(ctx, saga_id)

@@ -8,6 +8,7 @@ allowed hosts, one pivot). Both are pure, so every rule is unit-testable.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import re
@@ -16,9 +17,16 @@ from fnmatch import fnmatchcase
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from app.domain.templates import TemplateError, iter_refs
+from app.domain.templates import TemplateError, iter_refs, strip_refs
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 _NAME = re.compile(NAME_PATTERN)
@@ -81,15 +89,42 @@ class Document(BaseModel):
         return data
 
 
-def _check_headers(headers: dict[str, str]) -> dict[str, str]:
+def header_value_problem(value: str) -> str | None:
+    """Why `value` cannot be sent as an HTTP header value, or None when it can.
+
+    One rule for registration (static values) and render time (templated ones): visible
+    ASCII, spaces and tabs only. HTTP clients refuse anything else (non-ASCII raises an
+    encoding error, a newline would split the header), so it must never reach one.
+    """
+    for char in value:
+        if char == "\t" or " " <= char <= "~":
+            continue
+        if char > "~" and char != "\x7f":
+            return "has a non-ASCII character in its value (headers are ASCII only)"
+        return "has control characters in its value"
+    return None
+
+
+def _check_headers(headers: dict[str, str], templated: bool = False) -> dict[str, str]:
     for name, value in headers.items():
         if not _HEADER_NAME.match(name):
             raise ValueError(f"header name {name!r} is not a valid HTTP header name")
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"header {name!r} is set by the orchestrator and cannot be configured")
-        if any(ord(c) < 0x20 and c != "\t" for c in value) or "\x7f" in value:
-            raise ValueError(f"header {name!r} has control characters in its value")
+        # In a call's headers only the written text is checked here; what a template
+        # renders to is checked when the request is built.
+        problem = header_value_problem(strip_refs(value) if templated else value)
+        if problem:
+            raise ValueError(f"header {name!r} {problem}")
     return headers
+
+
+def _check_url_text(value: str, field: str) -> str:
+    """The written part of a path or url: no spaces or control characters (a template
+    may still interpolate anything; its values are percent-encoded when rendered)."""
+    if any(c <= " " or c == "\x7f" for c in strip_refs(value)):
+        raise ValueError(f"{field} has spaces or control characters: percent-encode them")
+    return value
 
 
 class CircuitBreakerConfig(Document):
@@ -121,6 +156,8 @@ class ServiceSpec(Document):
 
 def check_http_url(value: str, field: str) -> None:
     """Only absolute http(s) URLs with a host; no credentials in the URL."""
+    if any(c <= " " or c == "\x7f" for c in value):
+        raise ValueError(f"{field} has spaces or control characters: percent-encode them")
     try:
         parts = urlsplit(value)
         port = parts.port
@@ -130,9 +167,27 @@ def check_http_url(value: str, field: str) -> None:
         raise ValueError(f"{field} must use http or https, not {parts.scheme or 'no scheme'!r}")
     if not parts.hostname:
         raise ValueError(f"{field} must include a host")
-    if parts.username or parts.password:
+    if parts.username or parts.password or "@" in parts.netloc:
         raise ValueError(f"{field} must not carry credentials; use service headers")
+    if not valid_host(parts.hostname):
+        raise ValueError(f"{field} has {parts.hostname!r} as its host, which is not a host name")
     del port
+
+
+_DNS_NAME = re.compile(
+    r"^(?=.{1,253}\.?$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+    r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$"
+)
+
+
+def valid_host(host: str) -> bool:
+    """An IP address or a DNS name (letters, digits, `-`, `_`, dots; already lowercased
+    by urlsplit). Anything else (`%`, spaces, unicode) is refused before any lookup."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return _DNS_NAME.match(host) is not None
 
 
 def host_allowed(url: str, patterns: list[str]) -> bool:
@@ -210,14 +265,26 @@ class CallSpec(Document):
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_headers(value)
+        return _check_headers(value, templated=True)
+
+    @field_validator("path", "url")
+    @classmethod
+    def _url_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _check_url_text(value, str(info.field_name))
 
     @model_validator(mode="after")
     def _target(self) -> CallSpec:
         if self.url is not None:
             if self.service is not None or self.path is not None:
                 raise ValueError("give either url, or service and path, not both")
-            check_http_url(self.url, "url")
+            scheme, sep, rest = self.url.partition("://")
+            authority = re.split(r"[/?#]", rest, maxsplit=1)[0] if sep else scheme
+            if "${" in scheme or "${" in authority:
+                raise ValueError(
+                    "only the path and query of url may hold ${…} references: an "
+                    "interpolated value is percent-encoded as one path segment or query value"
+                )
+            check_http_url(strip_refs(self.url), "url")
         else:
             if self.service is None or self.path is None:
                 raise ValueError("a call needs service and path, or an absolute url")

@@ -58,6 +58,16 @@ class Call:
 
 
 @dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Step `index`'s last attempt in `direction` was cut off (its worker died or lost
+    the lease) and its policy allows no more: judge it failed with an unknown outcome
+    instead of making an attempt beyond the maximum."""
+
+    index: int
+    direction: Direction
+
+
+@dataclass(frozen=True, slots=True)
 class BeginCompensation:
     """Stop going forward and unwind, recording `error` on the saga."""
 
@@ -71,7 +81,7 @@ class Finish:
     status: SagaStatus
 
 
-Next = Call | BeginCompensation | Finish | None
+Next = Call | GiveUp | BeginCompensation | Finish | None
 
 
 def pivot_passed(spec: DefinitionSpec, saga: SagaState) -> bool:
@@ -116,21 +126,47 @@ def plan(spec: DefinitionSpec, saga: SagaState, now: datetime) -> Next:
             )
         for index, state in enumerate(saga.steps):
             if state.status in (StepStatus.PENDING, StepStatus.RUNNING):
-                return Call(index, Direction.ACTION)
+                return _forward(spec, index, state)
             if state.status not in FORWARD_DONE:
                 raise ValueError(f"step {state.name} is {state.status} in a running saga")
         return Finish(SagaStatus.COMPLETED)
     if saga.status is SagaStatus.COMPENSATING:
         for index in range(len(saga.steps) - 1, -1, -1):
-            if needs_compensation(spec.steps[index], saga.steps[index]):
+            state = saga.steps[index]
+            if needs_compensation(spec.steps[index], state):
+                limit = spec.steps[index].compensation_retry.max_attempts
+                if state.status is StepStatus.COMPENSATING and state.compensation_attempts >= limit:
+                    return GiveUp(index, Direction.COMPENSATION)
                 return Call(index, Direction.COMPENSATION)
         return Finish(SagaStatus.COMPENSATED)
     if saga.status is SagaStatus.COMPLETED:
         # An operator retried a dead-lettered non-critical step of a completed saga.
         for index, state in enumerate(saga.steps):
             if state.status in (StepStatus.PENDING, StepStatus.RUNNING):
-                return Call(index, Direction.ACTION)
+                return _forward(spec, index, state)
     return None
+
+
+def _forward(spec: DefinitionSpec, index: int, state: StepState) -> Call | GiveUp:
+    """The next forward attempt, unless the stored attempts already reach the maximum."""
+    if (
+        state.status is StepStatus.RUNNING
+        and state.attempts >= spec.steps[index].retry.max_attempts
+    ):
+        return GiveUp(index, Direction.ACTION)
+    return Call(index, Direction.ACTION)
+
+
+def cut_off_outcome(attempt: int) -> Outcome:
+    """How an attempt that a crash cut off is judged: failed, outcome unknown."""
+    return Outcome(
+        success=False,
+        retryable=False,
+        maybe_applied=True,
+        error_kind=ErrorKind.CONNECTION,
+        message=f"attempt {attempt} was cut off (its worker stopped or lost its lease) "
+        "and no attempts are left; outcome unknown",
+    )
 
 
 # --- what an attempt's outcome leads to ------------------------------------------------

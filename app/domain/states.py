@@ -43,6 +43,8 @@ class ErrorKind(StrEnum):
     TEMPLATE = "template"
     DEADLINE = "deadline"
     CANCELLED = "cancelled"
+    BLOCKED = "blocked"  # the participant's address is not allowed (SSRF guard)
+    RESPONSE_TOO_LARGE = "response_too_large"  # a 2xx body over the response cap
 
 
 class Direction(StrEnum):

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 _REF = re.compile(r"\$\{([^{}]*)\}")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -137,3 +138,30 @@ def render(value: JSON, ctx: RenderContext) -> JSON:
     if isinstance(value, dict):
         return {key: render(item, ctx) for key, item in value.items()}
     return value
+
+
+def strip_refs(text: str) -> str:
+    """The written text of a template, without its `${…}` references."""
+    return _REF.sub("", text)
+
+
+def render_url(template: str, ctx: RenderContext) -> str:
+    """Render a `path` or `url` template, every interpolated value percent-encoded.
+
+    Before the first written `?` a value becomes one path segment: `/`, `?`, `#` and
+    dots are encoded too, so `../../admin?x#` can never leave the written path. After
+    it, a value is one query value (`&`, `=`, `#`, `+` encoded). A template that is
+    exactly `${ref}` is treated the same way: a path or URL never comes whole from data.
+    """
+    out: list[str] = []
+    in_query = False
+    position = 0
+    for match in _REF.finditer(template):
+        written = template[position : match.start()]
+        out.append(written)
+        in_query = in_query or "?" in written or "#" in written
+        value = quote(as_text(resolve(parse_ref(match.group(1)), ctx)), safe="")
+        out.append(value if in_query else value.replace(".", "%2E"))
+        position = match.end()
+    out.append(template[position:])
+    return "".join(out)

@@ -22,19 +22,23 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from app.domain.definition import DefinitionSpec, ServiceSpec
 from app.domain.planner import (
+    FORWARD_DONE,
     BeginCompensation,
     Call,
     Finish,
+    GiveUp,
     SagaState,
     StepState,
     Transition,
     after_attempt,
+    cut_off_outcome,
+    needs_compensation,
     pivot_passed,
     plan,
 )
@@ -42,6 +46,7 @@ from app.domain.states import AttemptOutcome, Direction, SagaStatus, StepStatus
 from app.domain.templates import RenderContext, TemplateError
 from app.engine.failpoints import Failpoints
 from app.engine.requests import build_request
+from app.logs import safe_traceback
 from app.participants.client import HttpRequest, ParticipantClient
 from app.resilience.breaker import (
     BULKHEAD_RECHECK_SECONDS,
@@ -55,13 +60,17 @@ from app.resilience.breaker import (
 from app.resilience.outcome import CallFailure, CallResult, Outcome, classify
 from app.settings import Settings
 from app.store.executor import (
+    CRASH_LIMIT,
     BreakerUpdate,
+    CancelledFirst,
     DeadLetterRecord,
     Denied,
     EventRecord,
     ExecutorStore,
     Gate,
     Next,
+    ParkRecord,
+    PivotOutcome,
     SagaWork,
     SagaWrite,
     StepWrite,
@@ -75,7 +84,6 @@ from app.telemetry.tracing import Tracing
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SERVICE_CACHE_SECONDS = 2.0
 _IN_PROGRESS = (StepStatus.RUNNING, StepStatus.COMPENSATING)
 PRUNE_EVERY_SECONDS = 60.0
 
@@ -98,10 +106,13 @@ def _db_retry() -> AsyncRetrying:
     )
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _CachedService:
     spec: ServiceSpec | None
-    expires: float
+    version: int
+
+
+_ABSENT = _CachedService(None, 0)  # not registered (looked up again at every call)
 
 
 class Executor:
@@ -219,6 +230,7 @@ class Executor:
     # --- one saga ----------------------------------------------------------------------
 
     async def _run_saga(self, saga_id: uuid.UUID, epoch: int) -> None:
+        work: SagaWork | None = None
         try:
             async for attempt in _db_retry():
                 with attempt:
@@ -233,18 +245,52 @@ class Executor:
                 pass
         except LeaseLost:
             log.info("lease lost", extra={"saga_id": str(saga_id), "worker": self.worker_id})
-        except (OperationalError, DBAPIError, OSError) as exc:
-            # The lease expires and another claim redoes the unfinished attempt.
+        except (OperationalError, InterfaceError, OSError) as exc:
+            # The database is unreachable: the lease expires and another claim redoes the
+            # unfinished attempt.
             log.warning(
-                "database error, saga left to lease expiry",
-                extra={"saga_id": str(saga_id), "error": str(exc)},
+                "database unavailable, saga left to lease expiry",
+                extra={"saga_id": str(saga_id), "error_type": type(exc).__name__},
             )
+        except Exception as exc:
+            # Not a participant's doing (those are outcomes) nor an outage: a bug or data
+            # the engine cannot handle. Never let the saga be claimed into it forever.
+            await self._crashed(saga_id, work, exc)
+
+    async def _crashed(self, saga_id: uuid.UUID, work: SagaWork | None, exc: Exception) -> None:
+        log.error(
+            "saga task failed",
+            extra={
+                "saga_id": str(saga_id),
+                "error_type": type(exc).__name__,
+                "where": safe_traceback(exc),
+            },
+        )
+        if work is None:
+            return
+        try:
+            spec = self._definitions.get(work.definition_id)
+            crashes = await self.store.record_crash(
+                work, type(exc).__name__, _park_record(work, spec)
+            )
+        except Exception as again:  # the lease expires; the count did not move
+            log.error(
+                "recording the failure failed",
+                extra={"saga_id": str(saga_id), "error_type": type(again).__name__},
+            )
+            return
+        if crashes >= CRASH_LIMIT:
+            self.metrics.sagas_finished.labels(work.definition_name, "failed").inc()
 
     async def _advance(self, work: SagaWork, spec: DefinitionSpec) -> bool:
         """Do the next thing for a claimed saga; True while there is more to do now."""
         started = time.monotonic()
         nxt = plan(spec, _state(work), work.db_now)
         if nxt is None:
+            # Nothing to do (a terminal saga, or one whose work an operator finished):
+            # it is not due any more, so no executor claims it again.
+            if not await self.store.idle(work):
+                raise LeaseLost
             return False
         if isinstance(nxt, Finish):
             after = await self._commit(
@@ -265,7 +311,36 @@ class Executor:
                 ),
             )
             return True
+        if isinstance(nxt, GiveUp):
+            return await self._give_up(work, spec, nxt, started)
         return await self._call(work, spec, nxt, started)
+
+    async def _give_up(
+        self, work: SagaWork, spec: DefinitionSpec, give_up: GiveUp, started: float
+    ) -> bool:
+        """The last allowed attempt was cut off: record the step as failed, outcome unknown,
+        without a call (an attempt beyond the policy's maximum is never made)."""
+        call = Call(give_up.index, give_up.direction)
+        row = work.steps[call.index]
+        forward = call.direction is Direction.ACTION
+        attempt = row.attempts if forward else row.compensation_attempts
+        outcome = cut_off_outcome(attempt)
+        transition = after_attempt(spec, _state(work), call, attempt, outcome)
+        result = CallResult(failure=CallFailure.CONNECTION_LOST, message=outcome.message)
+        return await self._record(
+            work,
+            spec,
+            call,
+            attempt,
+            result,
+            outcome,
+            transition,
+            None,
+            None,
+            started,
+            None,
+            cut_off=True,
+        )
 
     async def _call(self, work: SagaWork, spec: DefinitionSpec, call: Call, started: float) -> bool:
         step_spec = spec.steps[call.index]
@@ -273,7 +348,40 @@ class Executor:
         forward = call.direction is Direction.ACTION
         call_spec = step_spec.action if forward else step_spec.compensation
         assert call_spec is not None
-        service = await self._service(call_spec.service) if call_spec.service else None
+        cached = await self._service(call_spec.service) if call_spec.service else None
+
+        gate = None
+        if cached is not None and cached.spec is not None and call_spec.service is not None:
+            gate = self._gate(call_spec.service, cached, work, spec, forward)
+        prior_maybe_applied = row.maybe_applied
+        pivot = forward and step_spec.pivot
+        attempt_started = await self.store.start_attempt(
+            work, call.index, call.direction, row.name, gate, pivot=pivot
+        )
+        committed_at = time.monotonic()  # the lease runs from the commit (clock_timestamp)
+        if attempt_started is None:
+            raise LeaseLost
+        if isinstance(attempt_started, CancelledFirst):
+            work.cancel_requested = True  # the next plan unwinds instead
+            return True
+        if isinstance(attempt_started, Denied):
+            # Breaker open or bulkhead full: no call, no attempt spent; the row is due later.
+            self._wake_at(max(0.0, (attempt_started.retry_at - work.db_now).total_seconds()))
+            return False
+        attempt = attempt_started.attempt
+        service = attempt_started.service
+        if (
+            call_spec.service is not None
+            and service is not None
+            and attempt_started.version is not None
+        ):
+            self._services[call_spec.service] = _CachedService(service, attempt_started.version)
+        if forward:
+            row.status, row.attempts, row.maybe_applied = StepStatus.RUNNING, attempt, True
+        else:
+            row.status, row.compensation_attempts = StepStatus.COMPENSATING, attempt
+            self.failpoints.hit("mid_compensation")
+        self.failpoints.hit("before_send")
 
         request: HttpRequest | None = None
         template_error: str | None = None
@@ -292,25 +400,6 @@ class Executor:
             )
         except TemplateError as exc:
             template_error = str(exc)
-
-        gate = None
-        if service is not None and call_spec.service is not None:
-            gate = self._gate(call_spec.service, service, work, spec, forward)
-        prior_maybe_applied = row.maybe_applied
-        attempt = await self.store.start_attempt(work, call.index, call.direction, row.name, gate)
-        committed_at = time.monotonic()  # the lease runs from the commit (clock_timestamp)
-        if attempt is None:
-            raise LeaseLost
-        if isinstance(attempt, Denied):
-            # Breaker open or bulkhead full: no call, no attempt spent; the row is due later.
-            self._wake_at(max(0.0, (attempt.retry_at - work.db_now).total_seconds()))
-            return False
-        if forward:
-            row.status, row.attempts, row.maybe_applied = StepStatus.RUNNING, attempt, True
-        else:
-            row.status, row.compensation_attempts = StepStatus.COMPENSATING, attempt
-            self.failpoints.hit("mid_compensation")
-        self.failpoints.hit("before_send")
 
         service_label = call_spec.service or "(url)"
         call_started = time.monotonic()
@@ -404,8 +493,12 @@ class Executor:
         service: ServiceSpec | None,
         started: float,
         breaker: BreakerUpdate | None,
+        cut_off: bool = False,
     ) -> bool:
-        """Commit an attempt's outcome, the step's and saga's new state, and what is next."""
+        """Commit an attempt's outcome, the step's and saga's new state, and what is next.
+
+        `cut_off`: the attempt was already closed as abandoned; only its consequence is new.
+        """
         step_spec = spec.steps[call.index]
         row = work.steps[call.index]
         forward = call.direction is Direction.ACTION
@@ -429,25 +522,39 @@ class Executor:
             else:
                 status_code = result.status_code
         step_done = transition.step_status not in (StepStatus.RUNNING, StepStatus.COMPENSATING)
-        events: list[EventRecord] = [
-            EventRecord(
-                type="attempt_finished",
-                step=row.name,
-                direction=call.direction,
-                attempt=attempt,
-                outcome=(
-                    AttemptOutcome.SUCCEEDED
-                    if outcome.success
-                    else AttemptOutcome.RETRYABLE
-                    if transition.retry_in is not None
-                    else AttemptOutcome.FAILED
-                ),
-                status_code=result.status_code,
-                error_kind=outcome.error_kind,
-                message=outcome.message or None,
-                duration_ms=duration_ms,
+        events: list[EventRecord] = []
+        if cut_off:
+            events.append(
+                EventRecord(
+                    type="attempts_exhausted",
+                    step=row.name,
+                    direction=call.direction,
+                    attempt=attempt,
+                    outcome=AttemptOutcome.FAILED,
+                    error_kind=outcome.error_kind,
+                    message=outcome.message,
+                )
             )
-        ]
+        else:
+            events.append(
+                EventRecord(
+                    type="attempt_finished",
+                    step=row.name,
+                    direction=call.direction,
+                    attempt=attempt,
+                    outcome=(
+                        AttemptOutcome.SUCCEEDED
+                        if outcome.success
+                        else AttemptOutcome.RETRYABLE
+                        if transition.retry_in is not None
+                        else AttemptOutcome.FAILED
+                    ),
+                    status_code=result.status_code,
+                    error_kind=outcome.error_kind,
+                    message=outcome.message or None,
+                    duration_ms=duration_ms,
+                )
+            )
         if transition.use_fallback:
             events.append(EventRecord("fallback_used", step=row.name))
 
@@ -524,6 +631,15 @@ class Executor:
             events=tuple(events),
             dead_letter=dead_letter,
             breaker=breaker,
+            pivot=(
+                (
+                    PivotOutcome.SUCCEEDED
+                    if transition.step_status is StepStatus.SUCCEEDED
+                    else PivotOutcome.NOT_YET
+                )
+                if forward and step_spec.pivot
+                else None
+            ),
         )
         if next_step is Next.LATER:
             self._wake_at(delay)
@@ -537,11 +653,12 @@ class Executor:
         events: tuple[EventRecord, ...] = (),
         dead_letter: DeadLetterRecord | None = None,
         breaker: BreakerUpdate | None = None,
+        pivot: PivotOutcome | None = None,
     ) -> Next:
         """Commit; returns what follows, which a cancel accepted meanwhile may change."""
         cancellable = work.status is SagaStatus.RUNNING and saga.status is SagaStatus.COMPLETED
         committed = await self.store.commit(
-            work, saga, step, events, dead_letter, breaker, cancellable
+            work, saga, step, events, dead_letter, breaker, cancellable, pivot
         )
         if committed is None:
             raise LeaseLost
@@ -560,24 +677,29 @@ class Executor:
     def _gate(
         self,
         name: str,
-        service: ServiceSpec,
+        cached: _CachedService,
         work: SagaWork,
         spec: DefinitionSpec,
         forward: bool,
     ) -> Gate:
         """Breaker and bulkhead admission for a call to `name`, with jittered rechecks."""
-        config = service.circuit_breaker
-        limit = service.max_concurrency
+        assert cached.spec is not None
 
-        def decide(breaker: Breaker, now: datetime, live: int, probes: int) -> Admission:
-            admission = admit(config, breaker, now, live, probes, limit)
+        def decide(
+            service: ServiceSpec, breaker: Breaker, now: datetime, live: int, probes: int
+        ) -> Admission:
+            admission = admit(
+                service.circuit_breaker, breaker, now, live, probes, service.max_concurrency
+            )
             if admission.retry_at is not None and admission.wait is not WaitReason.CIRCUIT_OPEN:
                 jitter = timedelta(seconds=random.uniform(0, BULKHEAD_RECHECK_SECONDS))
                 admission = replace(admission, retry_at=admission.retry_at + jitter)
             return admission
 
         unwindable = forward and not pivot_passed(spec, _state(work))
-        return Gate(name, decide, work.deadline_at if unwindable else None)
+        return Gate(
+            name, cached.spec, cached.version, decide, work.deadline_at if unwindable else None
+        )
 
     async def _with_lease(self, work: SagaWork, call: Awaitable[T], call_seconds: float) -> T:
         """Await a participant call, renewing the lease while it is in flight."""
@@ -607,14 +729,17 @@ class Executor:
             spec = self._definitions[definition_id] = record.spec
         return spec
 
-    async def _service(self, name: str) -> ServiceSpec | None:
+    async def _service(self, name: str) -> _CachedService:
+        """The executor's copy of a service. It is never trusted alone: start_attempt
+        compares its version with the database's in the same transaction and brings the
+        current one, so a change is seen by every call that starts after it."""
         cached = self._services.get(name)
-        now = time.monotonic()
-        if cached is None or cached.expires < now:
+        if cached is None or cached.spec is None:
             record = await self.registry.get_service(name)
-            cached = _CachedService(record.spec if record else None, now + SERVICE_CACHE_SECONDS)
-            self._services[name] = cached
-        return cached.spec
+            cached = _CachedService(record.spec, record.version) if record else _ABSENT
+            if record is not None:
+                self._services[name] = cached
+        return cached
 
 
 def _state(work: SagaWork) -> SagaState:
@@ -627,6 +752,33 @@ def _state(work: SagaWork) -> SagaState:
         cancel_requested=work.cancel_requested,
         deadline_at=work.deadline_at,
         waiting_on=work.waiting_on,
+    )
+
+
+def _park_record(work: SagaWork, spec: DefinitionSpec | None) -> ParkRecord:
+    """The step a saga that keeps failing the executor is parked at: the one it was on."""
+    if work.status is SagaStatus.COMPENSATING:
+        direction = Direction.COMPENSATION
+        candidates = [
+            i
+            for i in range(len(work.steps) - 1, -1, -1)
+            if spec is None or needs_compensation(spec.steps[i], _state(work).steps[i])
+        ]
+    else:
+        direction = Direction.ACTION
+        candidates = [i for i, s in enumerate(work.steps) if s.status not in FORWARD_DONE]
+    index = candidates[0] if candidates else len(work.steps) - 1
+    row = work.steps[index]
+    call = None
+    if spec is not None:
+        step = spec.steps[index]
+        call = step.action if direction is Direction.ACTION else step.compensation
+    return ParkRecord(
+        step_idx=index,
+        step_name=row.name,
+        direction=direction,
+        service=call.service if call else None,
+        attempts=row.attempts if direction is Direction.ACTION else row.compensation_attempts,
     )
 
 

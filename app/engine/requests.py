@@ -11,10 +11,11 @@ from app.domain.definition import (
     CallSpec,
     ServiceSpec,
     check_http_url,
+    header_value_problem,
     host_allowed,
 )
 from app.domain.states import Direction
-from app.domain.templates import RenderContext, TemplateError, as_text, render
+from app.domain.templates import RenderContext, TemplateError, as_text, render, render_url
 from app.participants.client import HttpRequest
 
 
@@ -36,13 +37,50 @@ def build_request(
     deadline_at: datetime | None,
     allowed_hosts: list[str],
 ) -> HttpRequest:
-    """Render templates and set the contract's headers; TemplateError if it cannot be built."""
+    """Render templates and set the contract's headers; TemplateError if it cannot be built.
+
+    Whatever the data, nothing but TemplateError comes out of here: a value that makes
+    an unexpected error is bad input for this step, never a crash of the saga's task.
+    """
+    try:
+        return _build(
+            call=call,
+            service=service,
+            step_name=step_name,
+            step_timeout=step_timeout,
+            direction=direction,
+            saga_id=saga_id,
+            context=context,
+            request_id=request_id,
+            deadline_at=deadline_at,
+            allowed_hosts=allowed_hosts,
+        )
+    except TemplateError:
+        raise
+    except Exception as exc:  # any other failure to build is the same kind of failure
+        raise TemplateError(f"the request could not be built ({type(exc).__name__})") from None
+
+
+def _build(
+    *,
+    call: CallSpec,
+    service: ServiceSpec | None,
+    step_name: str,
+    step_timeout: float | None,
+    direction: Direction,
+    saga_id: uuid.UUID,
+    context: RenderContext,
+    request_id: str | None,
+    deadline_at: datetime | None,
+    allowed_hosts: list[str],
+) -> HttpRequest:
     if call.url is not None:
-        url = str(render(call.url, context))
+        url = render_url(call.url, context)
     else:
         if service is None:
             raise TemplateError(f"service '{call.service}' is not registered")
-        url = service.base_url + str(render(call.path, context))
+        assert call.path is not None
+        url = service.base_url + render_url(call.path, context)
     try:
         check_http_url(url, "the rendered url")
         allowed = host_allowed(url, allowed_hosts)
@@ -51,10 +89,12 @@ def build_request(
     if not allowed:
         raise TemplateError(f"host of {url!r} is not in SAGA_ALLOWED_HOSTS")
     rendered_headers: Any = render(call.headers, context)
-    step_headers = {str(k): _header_text(v) for k, v in rendered_headers.items()}
+    step_headers = {str(k): _header_text(str(k), v) for k, v in rendered_headers.items()}
     overridden = {k.lower() for k in step_headers}
     service_headers = service.headers if service else {}
-    headers = {k: v for k, v in service_headers.items() if k.lower() not in overridden}
+    headers = {
+        k: _header_text(k, v) for k, v in service_headers.items() if k.lower() not in overridden
+    }
     headers.update(step_headers)
     headers.update(
         {
@@ -77,8 +117,9 @@ def build_request(
     )
 
 
-def _header_text(value: Any) -> str:
+def _header_text(name: str, value: Any) -> str:
     text = as_text(value)
-    if any(ord(c) < 0x20 for c in text):
-        raise TemplateError("a rendered header value contains control characters")
+    problem = header_value_problem(text)
+    if problem:
+        raise TemplateError(f"header {name!r} {problem} after rendering; nothing was sent")
     return text

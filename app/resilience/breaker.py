@@ -81,8 +81,12 @@ def admit(
 
 def counts_as_failure(outcome: Outcome) -> bool:
     """Timeouts, connection errors, retryable statuses and 5xx count; other 4xx do not
-    (the caller's fault), and neither does a request that could not be built."""
-    if outcome.success or outcome.error_kind is ErrorKind.TEMPLATE:
+    (the caller's fault), and neither does a request that could not be built or an
+    answer that was only too large (the service is up)."""
+    if outcome.success or outcome.error_kind in (
+        ErrorKind.TEMPLATE,
+        ErrorKind.RESPONSE_TOO_LARGE,
+    ):
         return False
     return outcome.retryable or outcome.maybe_applied
 

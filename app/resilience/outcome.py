@@ -21,6 +21,7 @@ class CallFailure(StrEnum):
     TIMEOUT = "timeout"  # sent, no answer in time: may have happened
     CONNECTION_LOST = "connection_lost"  # sent, connection broke: may have happened
     TEMPLATE = "template"  # the request could not be built: nothing was sent
+    TOO_LARGE = "too_large"  # a 2xx answer whose body is over the cap: done, but unusable
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,10 @@ def classify(result: CallResult, retry_on_status: list[int] | tuple[int, ...]) -
         return Outcome(False, True, True, ErrorKind.CONNECTION, result.message)
     if result.failure is CallFailure.TIMEOUT:
         return Outcome(False, True, True, ErrorKind.TIMEOUT, result.message)
+    if result.failure is CallFailure.TOO_LARGE:
+        # The participant did it; asking again would bring the same body. Final, and
+        # compensated on unwind like any applied action.
+        return Outcome(False, False, True, ErrorKind.RESPONSE_TOO_LARGE, result.message)
     status = result.status_code
     assert status is not None, "a CallResult has a status code or a failure"
     if 200 <= status < 300:

@@ -172,6 +172,7 @@ class AdminStore:
                 text(
                     """
                     UPDATE sagas SET status = :status, due_at = now(), updated_at = now(),
+                           crashes = 0,
                            finished_at = CASE WHEN :keep_finished THEN finished_at END,
                            error = CASE WHEN :clear_error THEN NULL ELSE error END
                      WHERE id = :saga

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.domain.definition import ServiceSpec
 from app.domain.states import (
     AttemptOutcome,
     CircuitState,
@@ -30,6 +31,7 @@ from app.domain.states import (
     StepStatus,
 )
 from app.resilience.breaker import Admission, Breaker, WaitReason
+from app.store.registry import service_spec
 from app.store.sagas import SAGA_DONE_CHANNEL
 
 _CLAIM = text(
@@ -40,7 +42,7 @@ _CLAIM = text(
            lease_expires_at = now() + make_interval(secs => :lease),
            due_at = now() + make_interval(secs => :lease)
       FROM (SELECT id FROM sagas
-             WHERE due_at <= now()
+             WHERE due_at <= now() AND status IN ('running', 'compensating', 'completed')
              ORDER BY due_at
              LIMIT :limit
              FOR UPDATE SKIP LOCKED) AS due
@@ -80,17 +82,20 @@ _RENEW = text(
 # taken in it would miss the calls admitted by the transactions it waited for.
 _READ_BREAKER = text(
     """
-    SELECT state, consecutive_failures, opened_at, now() AS db_now
-      FROM circuit_breakers WHERE service = :service
+    SELECT cb.state, cb.consecutive_failures, cb.opened_at, s.version, now() AS db_now
+      FROM circuit_breakers AS cb JOIN services AS s ON s.name = cb.service
+     WHERE cb.service = :service
     """
 )
 _LOCK_BREAKER = text(
     """
-    SELECT state, consecutive_failures, opened_at, now() AS db_now
-      FROM circuit_breakers WHERE service = :service
-       FOR UPDATE
+    SELECT cb.state, cb.consecutive_failures, cb.opened_at, s.version, now() AS db_now
+      FROM circuit_breakers AS cb JOIN services AS s ON s.name = cb.service
+     WHERE cb.service = :service
+       FOR UPDATE OF cb
     """
 )
+_SERVICE_ROW = text("SELECT * FROM services WHERE name = :service")
 _COUNT_LIVE = text(
     """
     SELECT count(*) AS live_calls, count(*) FILTER (WHERE inflight_probe) AS live_probes
@@ -124,8 +129,11 @@ _START_ATTEMPT = text(
                        updated_at = now(),
                        inflight_service = :service,
                        inflight_probe = :probe,
-                       waiting_on = NULL
+                       waiting_on = NULL,
+                       pivot_locked = pivot_locked OR :pivot
        WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
+         -- the pivot never starts once a cancel was accepted (see request_cancel)
+         AND NOT (:pivot AND cancel_requested)
       RETURNING id
     )
     UPDATE saga_steps AS st
@@ -148,8 +156,10 @@ _FINISH_SAGA_ROW = text(
            updated_at = now(),
            finished_at = CASE WHEN :terminal THEN coalesce(finished_at, now()) ELSE NULL END,
            due_at = CASE WHEN :keep THEN clock_timestamp() + make_interval(secs => :lease)
-                         WHEN cancel_requested AND status = 'running' THEN now()
                          WHEN :idle THEN NULL
+                         -- a cancel that can still unwind does not wait for a backoff
+                         WHEN cancel_requested AND :running
+                              AND NOT (pivot_locked OR :pivot_done) THEN now()
                          ELSE now() + make_interval(secs => :delay) END,
            lease_owner = CASE WHEN :keep THEN lease_owner ELSE NULL END,
            lease_expires_at = CASE WHEN :keep
@@ -157,7 +167,9 @@ _FINISH_SAGA_ROW = text(
                                    ELSE NULL END,
            inflight_service = NULL,
            inflight_probe = false,
-           waiting_on = :waiting_on
+           waiting_on = :waiting_on,
+           pivot_locked = CASE WHEN :pivot_outcome THEN :pivot_done ELSE pivot_locked END,
+           crashes = 0
      WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
     RETURNING cancel_requested, now() AS db_now
     """
@@ -271,6 +283,20 @@ class DeadLetterRecord:
     request: dict[str, Any] | None
 
 
+CRASH_LIMIT = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ParkRecord:
+    """Where a saga that keeps failing the executor is parked: its current step."""
+
+    step_idx: int
+    step_name: str
+    direction: Direction
+    service: str | None
+    attempts: int
+
+
 @dataclass(frozen=True, slots=True)
 class StepWrite:
     idx: int
@@ -305,11 +331,32 @@ class SagaWrite:
 
 @dataclass(frozen=True, slots=True)
 class Gate:
-    """Breaker and bulkhead admission for a call to `service`, decided under its row lock."""
+    """Breaker and bulkhead admission for a call to `service`, decided under its row lock.
+
+    `spec` is the executor's copy of the service at `version`; when the database holds
+    a newer version, the store reads it and decides with that one instead.
+    """
 
     service: str
-    decide: Callable[[Breaker, datetime, int, int], Admission]
+    spec: ServiceSpec
+    version: int
+    decide: Callable[[ServiceSpec, Breaker, datetime, int, int], Admission]
     latest_due: datetime | None = None  # wake no later than this (the saga's deadline)
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The attempt is recorded as started; `service` is the service as it is now (its
+    version may be newer than the executor's copy)."""
+
+    attempt: int
+    service: ServiceSpec | None = None
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledFirst:
+    """The pivot did not start: a cancel was accepted before it could."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +373,13 @@ class BreakerUpdate:
 
     service: str
     apply: Callable[[Breaker, datetime], Breaker]
+
+
+class PivotOutcome(StrEnum):
+    """How an attempt of the pivot step ended, for the saga's pivot lock."""
+
+    SUCCEEDED = "succeeded"  # locked for good: the saga only goes forward
+    NOT_YET = "not_yet"  # failed (retry or final): a cancel may unwind again
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,18 +464,21 @@ class ExecutorStore:
         direction: Direction,
         step_name: str,
         gate: Gate | None = None,
-    ) -> int | Denied | None:
+        pivot: bool = False,
+    ) -> Started | Denied | CancelledFirst | None:
         """Record an attempt as started, before the call.
 
-        Returns its number; `Denied` when the service's breaker or bulkhead turns the
-        call away (the saga is rescheduled, no attempt spent); None if fenced out.
+        `Denied` when the service's breaker or bulkhead turns the call away (the saga is
+        rescheduled, no attempt spent); `CancelledFirst` when this is the pivot and a
+        cancel was accepted before it (nothing written); None if fenced out.
         """
         forward = direction is Direction.ACTION
         status = StepStatus.RUNNING if forward else StepStatus.COMPENSATING
         async with self.engine.begin() as conn:
             probe = False
+            fresh: tuple[ServiceSpec, int] | None = None
             if gate is not None:
-                admission = await self._admit(conn, work, gate)
+                admission, fresh = await self._admit(conn, work, gate)
                 if not admission.admitted:
                     assert admission.wait is not None and admission.retry_at is not None
                     due = admission.retry_at
@@ -457,12 +514,13 @@ class ExecutorStore:
                         "idx": idx,
                         "service": gate.service if gate else None,
                         "probe": probe,
+                        "pivot": pivot,
                     },
                 )
             ).first()
             if row is None:
                 await conn.rollback()
-                return None
+                return CancelledFirst() if pivot and await self._cancelled(work) else None
             attempt = int(row.attempt)
             await self._event(
                 conn,
@@ -475,7 +533,23 @@ class ExecutorStore:
                     outcome=AttemptOutcome.STARTED,
                 ),
             )
-        return attempt
+        if fresh is not None:
+            return Started(attempt, *fresh)
+        return Started(attempt, gate.spec if gate else None, gate.version if gate else None)
+
+    async def _cancelled(self, work: SagaWork) -> bool:
+        """Still ours, with a cancel accepted?"""
+        async with self.engine.connect() as conn:
+            flag = (
+                await conn.execute(
+                    text(
+                        "SELECT cancel_requested FROM sagas WHERE id = :id "
+                        "AND lease_owner = :worker AND lease_epoch = :epoch"
+                    ),
+                    {"id": work.id, "worker": self.worker, "epoch": work.epoch},
+                )
+            ).scalar_one_or_none()
+        return bool(flag)
 
     async def commit(
         self,
@@ -486,12 +560,14 @@ class ExecutorStore:
         dead_letter: DeadLetterRecord | None = None,
         breaker: BreakerUpdate | None = None,
         cancellable: bool = False,
+        pivot: PivotOutcome | None = None,
     ) -> Committed | None:
         """Commit an outcome and everything it leads to in one transaction.
 
         None means the lease was lost: nothing was written. With `cancellable`, a
-        completion yields to a cancel that was accepted meanwhile: the saga stays
-        `running` and the worker goes on to compensate it.
+        completion yields to a cancel that was accepted meanwhile and can still unwind
+        (no pivot locked): the saga stays `running` and the worker compensates it.
+        `pivot` says this commit ends an attempt of the pivot step (and how).
         """
         async with self.engine.begin() as conn:
             if cancellable and saga.status is SagaStatus.COMPLETED:
@@ -500,8 +576,9 @@ class ExecutorStore:
                 flag = (
                     await conn.execute(
                         text(
-                            "SELECT cancel_requested FROM sagas WHERE id = :id "
-                            "AND lease_owner = :worker AND lease_epoch = :epoch FOR UPDATE"
+                            "SELECT cancel_requested AND NOT pivot_locked FROM sagas "
+                            "WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch "
+                            "FOR UPDATE"
                         ),
                         {"id": work.id, "worker": self.worker, "epoch": work.epoch},
                     )
@@ -517,10 +594,10 @@ class ExecutorStore:
                 # Most outcomes change nothing (a success on a closed circuit): read first,
                 # and take the row lock only to write, deciding again under it.
                 current = await self._breaker(conn, breaker.service, lock=False)
-                if current is not None and breaker.apply(*current) != current[0]:
+                if current is not None and breaker.apply(*current[:2]) != current[0]:
                     current = await self._breaker(conn, breaker.service, lock=True)
                     assert current is not None
-                    updated = breaker.apply(*current)
+                    updated = breaker.apply(*current[:2])
                     if updated != current[0]:
                         await self._write_breaker(conn, breaker.service, updated)
             row = (
@@ -538,6 +615,9 @@ class ExecutorStore:
                         "lease": self.lease,
                         "delay": max(saga.delay_seconds, 0.0),
                         "waiting_on": saga.waiting_on,
+                        "running": saga.status is SagaStatus.RUNNING,
+                        "pivot_outcome": pivot is not None,
+                        "pivot_done": pivot is PivotOutcome.SUCCEEDED,
                     },
                 )
             ).first()
@@ -590,12 +670,14 @@ class ExecutorStore:
 
     async def _breaker(
         self, conn: AsyncConnection, service: str, lock: bool
-    ) -> tuple[Breaker, datetime] | None:
+    ) -> tuple[Breaker, datetime, int] | None:
+        """The breaker, the database time and the service's current version."""
         statement = _LOCK_BREAKER if lock else _READ_BREAKER
         row = (await conn.execute(statement, {"service": service})).first()
         if row is None:
             return None
-        return Breaker(CircuitState(row.state), row.consecutive_failures, row.opened_at), row.db_now
+        breaker = Breaker(CircuitState(row.state), row.consecutive_failures, row.opened_at)
+        return breaker, row.db_now, int(row.version)
 
     async def _live(
         self, conn: AsyncConnection, saga_id: uuid.UUID, service: str
@@ -614,24 +696,36 @@ class ExecutorStore:
             },
         )
 
-    async def _admit(self, conn: AsyncConnection, work: SagaWork, gate: Gate) -> Admission:
+    async def _admit(
+        self, conn: AsyncConnection, work: SagaWork, gate: Gate
+    ) -> tuple[Admission, tuple[ServiceSpec, int] | None]:
+        """Admission, and the service as stored when it is newer than the gate's copy."""
         # First without the lock: sagas that must wait anyway (circuit open, bulkhead
         # full) are turned away without queueing on the service's breaker row.
         current = await self._breaker(conn, gate.service, lock=False)
         if current is None:  # no breaker row (service deleted): let the call fail on its own
-            return Admission(True, Breaker(CircuitState.CLOSED, 0, None))
-        snapshot, db_now = current
-        admission = gate.decide(snapshot, db_now, *await self._live(conn, work.id, gate.service))
+            return Admission(True, Breaker(CircuitState.CLOSED, 0, None)), None
+        snapshot, db_now, version = current
+        spec, fresh = gate.spec, None
+        if version != gate.version:
+            row = (await conn.execute(_SERVICE_ROW, {"service": gate.service})).first()
+            if row is not None:
+                spec = service_spec(row)
+                fresh = (spec, int(row.version))
+        live = await self._live(conn, work.id, gate.service)
+        admission = gate.decide(spec, snapshot, db_now, *live)
         if not admission.admitted and admission.breaker == snapshot:
-            return admission
+            return admission, fresh
         # It may go: decide again under the lock, with counts read after acquiring it.
         current = await self._breaker(conn, gate.service, lock=True)
         assert current is not None
-        snapshot, db_now = current
-        admission = gate.decide(snapshot, db_now, *await self._live(conn, work.id, gate.service))
+        snapshot, db_now, _version = current
+        admission = gate.decide(
+            spec, snapshot, db_now, *await self._live(conn, work.id, gate.service)
+        )
         if admission.breaker != snapshot:
             await self._write_breaker(conn, gate.service, admission.breaker)
-        return admission
+        return admission, fresh
 
     async def release(self, saga_id: uuid.UUID, epoch: int, after_seconds: float = 0.0) -> None:
         """Give a saga back (shutdown): due again for another worker after `after_seconds`.
@@ -651,6 +745,90 @@ class ExecutorStore:
                 ),
                 {"id": saga_id, "worker": self.worker, "epoch": epoch, "after": after_seconds},
             )
+
+    async def idle(self, work: SagaWork) -> bool:
+        """Nothing is left to do for this saga: no longer due, lease given back."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        """
+                        UPDATE sagas SET due_at = NULL, lease_owner = NULL,
+                                         lease_expires_at = NULL, inflight_service = NULL,
+                                         inflight_probe = false
+                         WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
+                        RETURNING id
+                        """
+                    ),
+                    {"id": work.id, "worker": self.worker, "epoch": work.epoch},
+                )
+            ).first()
+        return row is not None
+
+    async def record_crash(self, work: SagaWork, error_type: str, park: ParkRecord) -> int:
+        """An unexpected error of the executor on this saga: count it, give back the lease
+        and its bulkhead slot, and look again after a growing pause; at CRASH_LIMIT
+        consecutive errors, park the saga `failed` with a dead letter for an operator
+        instead of claiming it into the same error again. Returns the count (0: fenced)."""
+        message = f"the executor failed on this saga ({error_type})"
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        """
+                        UPDATE sagas SET crashes = crashes + 1, lease_owner = NULL,
+                               lease_expires_at = NULL, inflight_service = NULL,
+                               inflight_probe = false, updated_at = now(),
+                               due_at = now() + make_interval(secs => least(60, 2 ^ crashes))
+                         WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch
+                        RETURNING crashes
+                        """
+                    ),
+                    {"id": work.id, "worker": self.worker, "epoch": work.epoch},
+                )
+            ).first()
+            if row is None:
+                return 0
+            crashes = int(row.crashes)
+            await self._event(
+                conn, work.id, EventRecord("executor_error", step=park.step_name, message=message)
+            )
+            if crashes >= CRASH_LIMIT:
+                error = {"step": park.step_name, "kind": ErrorKind.TEMPLATE.value}
+                error["message"] = f"{message} {crashes} times in a row; parked for an operator"
+                await conn.execute(
+                    text(
+                        """
+                        UPDATE sagas SET due_at = NULL,
+                               status = CASE WHEN status = 'completed' THEN status
+                                             ELSE 'failed' END,
+                               error = CASE WHEN status = 'completed' THEN error
+                                            ELSE CAST(:error AS jsonb) END,
+                               finished_at = coalesce(finished_at, now())
+                         WHERE id = :id
+                        """
+                    ),
+                    {"id": work.id, "error": _json(error)},
+                )
+                await conn.execute(
+                    _INSERT_DEAD_LETTER,
+                    {
+                        "dl_id": uuid.uuid4(),
+                        "id": work.id,
+                        "idx": park.step_idx,
+                        "step": park.step_name,
+                        "direction": park.direction.value,
+                        "service": park.service,
+                        "attempts": park.attempts,
+                        "last_error": _json({**error, "direction": park.direction.value}),
+                        "request": None,
+                    },
+                )
+                await self._event(conn, work.id, EventRecord("saga_failed"))
+                await conn.execute(
+                    text("SELECT pg_notify(:c, :id)"), {"c": SAGA_DONE_CHANNEL, "id": str(work.id)}
+                )
+        return crashes
 
     async def close_abandoned(self, work: SagaWork) -> int:
         """Give attempts that a dead or stopped worker left open an `abandoned` outcome.

@@ -25,6 +25,7 @@ class ServiceRecord:
     consecutive_failures: int
     opened_at: datetime | None
     in_flight: int
+    version: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +38,9 @@ class DefinitionRecord:
     created_at: datetime
 
 
-def _service_record(row: Any) -> ServiceRecord:
-    spec = ServiceSpec.model_validate(
+def service_spec(row: Any) -> ServiceSpec:
+    """A `services` row as the document it was registered with."""
+    return ServiceSpec.model_validate(
         {
             "base_url": row.base_url,
             "timeout_seconds": row.timeout_seconds,
@@ -51,6 +53,10 @@ def _service_record(row: Any) -> ServiceRecord:
             "headers": row.headers,
         }
     )
+
+
+def _service_record(row: Any) -> ServiceRecord:
+    spec = service_spec(row)
     return ServiceRecord(
         name=row.name,
         spec=spec,
@@ -60,6 +66,7 @@ def _service_record(row: Any) -> ServiceRecord:
         consecutive_failures=row.consecutive_failures or 0,
         opened_at=row.opened_at,
         in_flight=row.in_flight or 0,
+        version=row.version,
     )
 
 
@@ -114,7 +121,11 @@ class Registry:
         base = insert(Service).values(**values)
         stmt = base.on_conflict_do_update(
             index_elements=[Service.name],
-            set_={**{k: base.excluded[k] for k in values if k != "name"}, "updated_at": func.now()},
+            set_={
+                **{k: base.excluded[k] for k in values if k != "name"},
+                "updated_at": func.now(),
+                "version": Service.version + 1,
+            },
         ).returning(text("(xmax = 0) AS created"))
         async with self.engine.begin() as conn:
             created = bool((await conn.execute(stmt)).scalar_one())

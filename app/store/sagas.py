@@ -73,6 +73,7 @@ class CancelResult(Enum):
     ACCEPTED = "accepted"
     NOT_FOUND = "not_found"
     TERMINAL = "terminal"
+    PAST_PIVOT = "past_pivot"  # the pivot's call is in flight or has succeeded
 
 
 def _step_view(row: Any) -> StepView:
@@ -261,7 +262,10 @@ class SagaStore:
     async def request_cancel(self, saga_id: uuid.UUID) -> CancelResult:
         """Flag the saga; the executor that next touches it starts compensating.
 
-        When no executor holds a live lease, the saga is made due at once.
+        The pivot rule is decided here, in the statement: `pivot_locked` is set by the
+        commit that starts the pivot's attempt, so a cancel either commits first (and the
+        pivot never starts) or finds it locked (409). When no executor holds a live
+        lease, the saga is made due at once.
         """
         async with self.engine.begin() as conn:
             row = (
@@ -272,6 +276,7 @@ class SagaStore:
                           due_at = CASE WHEN lease_owner IS NULL OR lease_expires_at < now()
                                         THEN now() ELSE due_at END
                         WHERE id = :id AND status IN ('running', 'compensating')
+                          AND NOT pivot_locked
                         RETURNING id
                         """
                     ),
@@ -284,8 +289,14 @@ class SagaStore:
                 )
                 await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": SAGA_WORK_CHANNEL})
                 return CancelResult.ACCEPTED
-            exists = (await conn.execute(select(Saga.id).where(Saga.id == saga_id))).first()
-        return CancelResult.TERMINAL if exists else CancelResult.NOT_FOUND
+            found = (
+                await conn.execute(select(Saga.status, Saga.pivot_locked).where(Saga.id == saga_id))
+            ).first()
+        if found is None:
+            return CancelResult.NOT_FOUND
+        if SagaStatus(found.status).terminal:
+            return CancelResult.TERMINAL
+        return CancelResult.PAST_PIVOT
 
     async def schedule(self, saga_id: uuid.UUID) -> dict[str, Any] | None:
         """Executor-side fields, for explaining what a saga waits for."""

@@ -85,6 +85,9 @@ class Service(Base):
     recovery_timeout_seconds: Mapped[float] = mapped_column(Double)
     half_open_max_calls: Mapped[int] = mapped_column(Integer)
     headers: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    # Bumped by every change: executors re-read a service whose version moved, so a
+    # call that starts after a change's response uses the changed service.
+    version: Mapped[int] = mapped_column(BigInteger, server_default="1")
     created_at: Mapped[datetime] = tstz(default_now=True)
     updated_at: Mapped[datetime] = tstz(default_now=True)
 
@@ -163,6 +166,12 @@ class Saga(Base):
     inflight_probe: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     # Why a due saga is not being called (circuit open, bulkhead full), for operators.
     waiting_on: Mapped[str | None] = mapped_column(Text)
+    # The pivot's call is in flight or has succeeded: a cancel can no longer unwind the
+    # saga. Written with the pivot's own commits, read by the cancel in one statement.
+    pivot_locked: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Unexpected errors of the executor on this saga since it last made progress; at
+    # CRASH_LIMIT the saga is parked for an operator instead of being claimed again.
+    crashes: Mapped[int] = mapped_column(SmallInteger, server_default="0")
 
 
 class SagaStep(Base):

@@ -73,7 +73,11 @@ def test_step_status_values_match_contract() -> None:
 
 
 def test_error_kind_values_match_contract() -> None:
+    # Contract v1.1 adds blocked and response_too_large (callback_failed comes with
+    # callback steps).
     assert {k.value for k in ErrorKind} == {
+        "blocked",
+        "response_too_large",
         "http_status",
         "timeout",
         "connection",
