@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -24,9 +25,26 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".installed"
 
 
-def _run(*cmd: str | Path, check: bool = True) -> int:
+def _run(*cmd: str | Path, check: bool = True, env: dict[str, str] | None = None) -> int:
+    """Run a command to its end. Ctrl-C and SIGTERM are handed to it (once) and we wait
+    for it to stop what it started: it runs in its own process group, so a terminal's
+    Ctrl-C reaches only this process, which passes it on, and nothing is killed halfway."""
     print("+", " ".join(str(c) for c in cmd), flush=True)
-    return subprocess.run([str(c) for c in cmd], cwd=ROOT, check=check).returncode
+    child = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, process_group=0)
+
+    def forward(signum: int, _frame: object) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if check and code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
+    return code
 
 
 def ensure_venv() -> None:
@@ -73,8 +91,8 @@ def cmd_chaos(args: list[str]) -> int:
     env = {**os.environ, "SAGA_CHAOS_FULL": "1"}
     cmd = [str(BIN / "python"), "-m", "pytest", "-p", "no:cacheprovider"]
     cmd += ["tests/chaos", "tests/e2e/test_crash.py", "tests/fuzz", *args]
-    print("+ SAGA_CHAOS_FULL=1", " ".join(cmd), flush=True)
-    failed = subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+    print("+ SAGA_CHAOS_FULL=1", end=" ", flush=True)
+    failed = _run(*cmd, check=False, env=env)
     soak = _run(BIN / "python", "-m", "tests.chaos.soak", "--minutes", "30", check=False)
     return failed or soak
 

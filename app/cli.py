@@ -57,15 +57,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Every command stops cleanly on SIGINT (Ctrl-C) and SIGTERM: what it started is
+    stopped, the embedded PostgreSQL included, and it exits 0 without a traceback."""
     args = _parser().parse_args(argv)
     settings = Settings()
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _exit_cleanly)
     if args.command == "demo":
         from app.demo import run_demo
 
         sys.exit(run_demo(settings, args.port, fast=args.fast, exit_after=args.exit))
     logs.configure(settings.log_format, settings.log_level)
-    database = open_database(settings)
+    database = start_database(settings)
     try:
         if args.command == "migrate":
             upgrade(database.url)
@@ -77,7 +84,25 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "worker":
             asyncio.run(run_worker(settings, database.url))
     finally:
-        database.close()
+        stop_database(database)
+
+
+def start_database(settings: Settings) -> Database:
+    """Open the database with SIGINT and SIGTERM held back: a signal during the embedded
+    server's start is delivered once `Database` exists, so its `finally` stops the server
+    instead of leaving a postgres behind."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return open_database(settings)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def stop_database(database: Database) -> None:
+    """Stop the embedded server; a second Ctrl-C must not cut this short."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    database.close()
 
 
 def _serve(settings: Settings, database: Database, host: str, port: int, executor: bool) -> None:
@@ -87,10 +112,8 @@ def _serve(settings: Settings, database: Database, host: str, port: int, executo
 
     app = create_app(settings, database.url, run_executor=executor)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the
-    # handler that was installed before it: make that an orderly exit, so that the
-    # embedded database is stopped and the exit status is 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_cleanly)
+    # handler that was installed before it (`_exit_cleanly`, from main): an orderly
+    # exit, so that the embedded database is stopped and the exit status is 0.
     log.info("listening", extra={"url": f"http://{host}:{port}", "executor": executor})
     uvicorn.run(
         app,
@@ -102,6 +125,9 @@ def _serve(settings: Settings, database: Database, host: str, port: int, executo
 
 
 def _exit_cleanly(signum: int, _frame: object) -> None:
+    """The first stop signal unwinds the command through its `finally` blocks."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise SystemExit(0)
 
 

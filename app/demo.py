@@ -43,7 +43,7 @@ from fastapi import FastAPI
 from app import logs
 from app.client import TERMINAL, ApiError, SagaClient
 from app.settings import Settings, libpq_url
-from app.store.db import Database, open_database
+from app.store.db import Database
 from app.store.migrate import upgrade
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 PARTICIPANTS = ("payments", "orders", "inventory", "notifications")
 DEFINITION = "checkout"
 LEASE_SECONDS = 3
-EXIT_INTERRUPTED = 130
 
 
 class DemoError(Exception):
@@ -93,20 +92,22 @@ def run_demo(settings: Settings, port: int, fast: bool = False, exit_after: bool
         say(f"  database      {_redact(settings.database_url)} (DATABASE_URL)")
     else:
         say(f"  database      starting embedded PostgreSQL in {settings.data_dir.resolve()} ...")
+    from app.cli import start_database, stop_database
+
     database: Database | None = None
     try:
-        database = open_database(settings)
+        database = start_database(settings)
         upgrade(database.url)
         log_path = settings.data_dir.resolve() / "demo-orchestrator.log"
         timing = FAST if fast else NORMAL
         return asyncio.run(_main(settings, log_path, database, port, timing, exit_after))
-    except KeyboardInterrupt:
-        say("\nInterrupted.")
-        return EXIT_INTERRUPTED
+    except (KeyboardInterrupt, SystemExit):
+        say("\nStopped.")
+        return 0  # stopped on request (Ctrl-C or SIGTERM before the scenarios ran)
     finally:
         if database is not None:
             embedded = database.embedded is not None
-            database.close()
+            stop_database(database)
             if embedded:
                 say("Embedded PostgreSQL stopped.")
 
@@ -147,7 +148,9 @@ async def _main(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    return EXIT_INTERRUPTED if state.code is None else state.code
+            signal.signal(sig, signal.SIG_IGN)  # shutting down: the database stops next
+    # Stopped by a signal before the report: that is what was asked for, not a failure.
+    return 0 if state.code is None else state.code
 
 
 @dataclass

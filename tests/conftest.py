@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from app.main import create_app
 from app.settings import Settings
-from tests.support import pg
+from tests.support import leftovers, pg
 from tests.support.servers import Participant, serve
 
 ADMIN_TOKEN = "test-admin-token"
@@ -99,3 +100,27 @@ async def wait_terminal(client: httpx.AsyncClient, saga_id: str, seconds: float 
 
 def pytest_report_header() -> str:
     return f"TEST_DATABASE_URL={os.environ.get('TEST_DATABASE_URL', '(default)')}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Mark this run's environment, so that whatever it starts can be found at the end."""
+    os.environ[leftovers.MARKER] = uuid.uuid4().hex
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when tests left processes behind (then stop them)."""
+    marker = os.environ.get(leftovers.MARKER)
+    if not marker:
+        return
+    left = leftovers.wait_gone(marker, exclude={os.getpid()}, seconds=10)
+    if not left:
+        return
+    leftovers.kill(left)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = "\n".join(f"  pid {p.pid}: {p.args[:200]}" for p in left)
+    message = f"the tests left {len(left)} process(es) running (now killed):\n{lines}"
+    if reporter is not None:
+        reporter.write_line(message, red=True, bold=True)
+    else:
+        print(message)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
