@@ -116,6 +116,11 @@ SAGA_OUT: dict[str, Any] = {
     ],
 }
 
+SAGA_SUMMARY: dict[str, Any] = {
+    **{k: v for k, v in SAGA_OUT.items() if k != "input"},
+    "steps": [{k: v for k, v in step.items() if k != "response"} for step in SAGA_OUT["steps"]],
+}
+
 EVENT: dict[str, Any] = {
     "id": 2,
     "at": AT,

@@ -29,7 +29,7 @@ from app.api.pagination import (
     valid_offset,
 )
 from app.api.problems import Problem
-from app.api.schemas import EventOut, Page, SagaOut, SagaStart
+from app.api.schemas import EventOut, Page, SagaOut, SagaStart, SagaSummaryOut
 from app.domain.definition import NAME_PATTERN
 from app.domain.states import SagaStatus
 from app.store.sagas import CancelResult, NewSaga, StartResult
@@ -194,10 +194,10 @@ async def start_saga(
 
 @router.get(
     "",
-    response_model=Page[SagaOut],
+    response_model=Page[SagaSummaryOut],
     summary="List sagas, newest first",
     responses={
-        **answer(200, "A page of sagas, newest first", examples.page(examples.SAGA_OUT)),
+        **answer(200, "A page of sagas, newest first", examples.page(examples.SAGA_SUMMARY)),
         **problems(*V1, 422),
     },
 )
@@ -209,11 +209,14 @@ async def list_sagas(
     ] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> Page[SagaOut]:
-    """Sagas, newest first, optionally only those with a `status` or of a `definition`."""
+) -> Page[SagaSummaryOut]:
+    """Sagas, newest first, optionally only those with a `status` or of a `definition`.
+
+    Items leave out the saga's `input` and its steps' `response` (they can be large);
+    `GET /v1/sagas/{id}` has them."""
     views = await ctx.sagas.list_page(limit, status, definition, decode_time_cursor(cursor))
-    return Page[SagaOut](
-        items=[SagaOut.of(v) for v in views], next_cursor=time_cursor_after(views, limit)
+    return Page[SagaSummaryOut](
+        items=[SagaSummaryOut.of(v) for v in views], next_cursor=time_cursor_after(views, limit)
     )
 
 

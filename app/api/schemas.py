@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.domain.definition import CircuitBreakerConfig, Document, Name, StepSpec
 from app.domain.states import CircuitState, SagaStatus, StepStatus
 from app.store.registry import DefinitionRecord, ServiceRecord
-from app.store.sagas import SagaView
+from app.store.sagas import SagaSummary, SagaView
 
 REDACTED = "[redacted]"
 T = TypeVar("T")
@@ -160,6 +160,43 @@ class SagaOut(BaseModel):
             error=view.error,
             steps=[StepOut(**vars_of(s)) for s in view.steps],
         )
+
+
+class StepSummaryOut(BaseModel):
+    """A step as a list shows it: its response is in `GET /v1/sagas/{id}`."""
+
+    name: str
+    status: StepStatus
+    attempts: int
+    compensation_attempts: int
+    status_code: int | None
+    last_error: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class SagaSummaryOut(BaseModel):
+    """A saga as a list shows it: everything but its `input` and its steps' responses,
+    which can be large; `GET /v1/sagas/{id}` has them."""
+
+    id: uuid.UUID
+    definition: str
+    definition_version: int
+    status: SagaStatus
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    deadline_at: datetime | None
+    cancel_requested: bool
+    error: dict[str, Any] | None
+    steps: list[StepSummaryOut]
+
+    @classmethod
+    def of(cls, summary: SagaSummary) -> SagaSummaryOut:
+        fields = vars_of(summary)
+        fields["steps"] = [StepSummaryOut(**vars_of(s)) for s in summary.steps]
+        return cls(**fields)
 
 
 class EventOut(BaseModel):

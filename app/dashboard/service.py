@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from app.api.context import AppContext
-from app.api.schemas import DeadLetterOut, SagaOut, ServiceOut
+from app.api.schemas import DeadLetterOut, SagaOut, SagaSummaryOut, ServiceOut
 from app.dashboard.views import (
     chart_bars,
     compensations_if_failed,
@@ -118,7 +118,7 @@ class Dashboard:
 
     async def sagas(
         self, status: SagaStatus | None, definition: str | None, query: str | None
-    ) -> list[SagaOut]:
+    ) -> list[SagaOut | SagaSummaryOut]:
         if query:
             try:
                 saga_id: uuid.UUID | None = uuid.UUID(query)
@@ -127,7 +127,7 @@ class Dashboard:
             view = await self.ctx.sagas.get(saga_id) if saga_id else None
             return [SagaOut.of(view)] if view else []
         views = await self.ctx.sagas.list_page(100, status, definition)
-        return [SagaOut.of(v) for v in views]
+        return [SagaSummaryOut.of(v) for v in views]
 
     async def dead_letters(self, status: DeadLetterStatus | None) -> list[DeadLetterOut]:
         return [DeadLetterOut.of(v) for v in await self.ctx.admin.dead_letters(200, status)]

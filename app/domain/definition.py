@@ -105,6 +105,16 @@ def header_value_problem(value: str) -> str | None:
     return None
 
 
+# Validation context for documents read back from the database: they passed the rules
+# in force when they were registered; rules added since must not make them unreadable
+# (what they render to is still checked when a request is built).
+STORED: dict[str, Any] = {"stored": True}
+
+
+def _registering(info: ValidationInfo) -> bool:
+    return not (isinstance(info.context, dict) and info.context.get("stored"))
+
+
 def _check_headers(headers: dict[str, str], templated: bool = False) -> dict[str, str]:
     for name, value in headers.items():
         if not _HEADER_NAME.match(name):
@@ -144,14 +154,15 @@ class ServiceSpec(Document):
 
     @field_validator("base_url")
     @classmethod
-    def _url(cls, value: str) -> str:
-        check_http_url(value, "base_url")
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        if _registering(info):
+            check_http_url(value, "base_url")
         return value.rstrip("/")
 
     @field_validator("headers")
     @classmethod
-    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_headers(value)
+    def _headers(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        return _check_headers(value) if _registering(info) else value
 
 
 def check_http_url(value: str, field: str) -> None:
@@ -264,19 +275,23 @@ class CallSpec(Document):
 
     @field_validator("headers")
     @classmethod
-    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_headers(value, templated=True)
+    def _headers(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        return _check_headers(value, templated=True) if _registering(info) else value
 
     @field_validator("path", "url")
     @classmethod
     def _url_text(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else _check_url_text(value, str(info.field_name))
+        if value is None or not _registering(info):
+            return value
+        return _check_url_text(value, str(info.field_name))
 
     @model_validator(mode="after")
-    def _target(self) -> CallSpec:
+    def _target(self, info: ValidationInfo) -> CallSpec:
         if self.url is not None:
             if self.service is not None or self.path is not None:
                 raise ValueError("give either url, or service and path, not both")
+            if not _registering(info):
+                return self
             scheme, sep, rest = self.url.partition("://")
             authority = re.split(r"[/?#]", rest, maxsplit=1)[0] if sep else scheme
             if "${" in scheme or "${" in authority:

@@ -10,7 +10,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.domain.definition import DefinitionSpec, ServiceSpec
+from app.domain.definition import STORED, DefinitionSpec, ServiceSpec
 from app.domain.states import CircuitState
 from app.store.tables import CircuitBreaker, Definition, Saga, Service
 
@@ -51,7 +51,8 @@ def service_spec(row: Any) -> ServiceSpec:
                 "half_open_max_calls": row.half_open_max_calls,
             },
             "headers": row.headers,
-        }
+        },
+        context=STORED,
     )
 
 
@@ -76,7 +77,7 @@ def _definition_record(row: Any) -> DefinitionRecord:
         name=row.name,
         version=row.version,
         content_hash=row.content_hash,
-        spec=DefinitionSpec.model_validate(row.spec),
+        spec=DefinitionSpec.model_validate(row.spec, context=STORED),
         created_at=row.created_at,
     )
 

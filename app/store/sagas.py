@@ -52,6 +52,39 @@ class SagaView:
     steps: list[StepView]
 
 
+@dataclass(frozen=True, slots=True)
+class StepSummary:
+    """A step in a list: everything but its response (that is in the saga's own view)."""
+
+    name: str
+    status: StepStatus
+    attempts: int
+    compensation_attempts: int
+    status_code: int | None
+    last_error: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SagaSummary:
+    """A saga in a list: no input and no step responses, so that a page costs what its
+    rows cost, not what participants answered (up to 1 MiB per step)."""
+
+    id: uuid.UUID
+    definition: str
+    definition_version: int
+    status: SagaStatus
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    error: dict[str, Any] | None
+    deadline_at: datetime | None
+    cancel_requested: bool
+    steps: list[StepSummary]
+
+
 class StartResult(Enum):
     CREATED = "created"
     REPLAYED = "replayed"
@@ -107,6 +140,31 @@ def _saga_view(row: Any, steps: list[StepView]) -> SagaView:
         cancel_requested=row.cancel_requested,
         steps=steps,
     )
+
+
+_SUMMARY_COLUMNS = (
+    Saga.id,
+    Saga.definition_name,
+    Saga.definition_version,
+    Saga.status,
+    Saga.idempotency_key,
+    Saga.created_at,
+    Saga.updated_at,
+    Saga.finished_at,
+    Saga.error,
+    Saga.deadline_at,
+    Saga.cancel_requested,
+)
+_STEP_SUMMARY_COLUMNS = (
+    SagaStep.name,
+    SagaStep.status,
+    SagaStep.attempts,
+    SagaStep.compensation_attempts,
+    SagaStep.status_code,
+    SagaStep.last_error,
+    SagaStep.started_at,
+    SagaStep.finished_at,
+)
 
 
 class SagaStore:
@@ -216,9 +274,11 @@ class SagaStore:
         status: SagaStatus | None = None,
         definition: str | None = None,
         before: tuple[datetime, uuid.UUID] | None = None,
-    ) -> list[SagaView]:
+    ) -> list[SagaSummary]:
         """Newest first; `before` is the (created_at, id) of the last item already seen."""
-        stmt = select(Saga).order_by(Saga.created_at.desc(), Saga.id.desc()).limit(limit)
+        stmt = (
+            select(*_SUMMARY_COLUMNS).order_by(Saga.created_at.desc(), Saga.id.desc()).limit(limit)
+        )
         if status is not None:
             stmt = stmt.where(Saga.status == status)
         if definition is not None:
@@ -231,7 +291,7 @@ class SagaStore:
             step_rows = (
                 (
                     await conn.execute(
-                        select(SagaStep)
+                        select(SagaStep.saga_id, *_STEP_SUMMARY_COLUMNS)
                         .where(SagaStep.saga_id.in_(ids))
                         .order_by(SagaStep.saga_id, SagaStep.idx)
                     )
@@ -239,10 +299,37 @@ class SagaStore:
                 if ids
                 else []
             )
-        by_saga: dict[uuid.UUID, list[StepView]] = {}
-        for s in step_rows:
-            by_saga.setdefault(s.saga_id, []).append(_step_view(s))
-        return [_saga_view(r, by_saga.get(r.id, [])) for r in rows]
+        by_saga: dict[uuid.UUID, list[StepSummary]] = {}
+        for st in step_rows:
+            by_saga.setdefault(st.saga_id, []).append(
+                StepSummary(
+                    name=st.name,
+                    status=StepStatus(st.status),
+                    attempts=st.attempts,
+                    compensation_attempts=st.compensation_attempts,
+                    status_code=st.status_code,
+                    last_error=st.last_error,
+                    started_at=st.started_at,
+                    finished_at=st.finished_at,
+                )
+            )
+        return [
+            SagaSummary(
+                id=r.id,
+                definition=r.definition_name,
+                definition_version=r.definition_version,
+                status=SagaStatus(r.status),
+                idempotency_key=r.idempotency_key,
+                created_at=r.created_at,
+                updated_at=r.updated_at,
+                finished_at=r.finished_at,
+                error=r.error,
+                deadline_at=r.deadline_at,
+                cancel_requested=r.cancel_requested,
+                steps=by_saga.get(r.id, []),
+            )
+            for r in rows
+        ]
 
     async def events(
         self, saga_id: uuid.UUID, limit: int, after: int | None = None

@@ -8,6 +8,7 @@ tests failed to stop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -55,7 +56,5 @@ def wait_gone(value: str, exclude: set[int], seconds: float) -> list[Leftover]:
 
 def kill(leftovers: list[Leftover]) -> None:
     for leftover in leftovers:
-        try:
+        with contextlib.suppress(OSError):
             os.kill(leftover.pid, signal.SIGKILL)
-        except OSError:
-            pass

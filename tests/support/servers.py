@@ -61,6 +61,7 @@ class Received:
     headers: dict[str, str]
     body: Any
     at: float
+    raw_path: bytes = b""  # as it came on the wire, still percent-encoded
 
 
 class Participant:
@@ -73,6 +74,7 @@ class Participant:
         self.calls: list[Received] = []
         self.scripts: dict[str, list[Reply]] = {}
         self.defaults: dict[str, Reply] = {}
+        self.raw_bodies: dict[str, bytes] = {}  # path -> bytes sent as they are
         self.in_flight = 0
         self.max_in_flight = 0
         self.app = Starlette(
@@ -102,7 +104,14 @@ class Participant:
         except ValueError:
             body = raw.decode("utf-8", "replace")
         self.calls.append(
-            Received(request.method, path, dict(request.headers), body, time.monotonic())
+            Received(
+                request.method,
+                path,
+                dict(request.headers),
+                body,
+                time.monotonic(),
+                request.scope.get("raw_path", b""),
+            )
         )
         queue = self.scripts.get(path)
         reply = queue.pop(0) if queue else self.defaults.get(path, Reply())
@@ -114,6 +123,8 @@ class Participant:
         finally:
             self.in_flight -= 1
         key = request.headers.get("idempotency-key", "")
+        if path in self.raw_bodies:
+            return Response(self.raw_bodies[path], status_code=reply.status, headers=reply.headers)
         body_out = reply.body if reply.body is not None else {"id": f"{path}-{key}", "echo": body}
         return Response(
             json.dumps(body_out),
