@@ -89,19 +89,24 @@ class Document(BaseModel):
         return data
 
 
-def header_value_problem(value: str) -> str | None:
+def header_value_problem(value: str, written: str | None = None) -> str | None:
     """Why `value` cannot be sent as an HTTP header value, or None when it can.
 
     One rule for registration (static values) and render time (templated ones): visible
-    ASCII, spaces and tabs only. HTTP clients refuse anything else (non-ASCII raises an
-    encoding error, a newline would split the header), so it must never reach one.
+    ASCII, with spaces and tabs only between visible characters. HTTP clients refuse
+    anything else (non-ASCII raises an encoding error, a newline would split the header,
+    edge whitespace is a protocol error), so it must never reach one. `written` is the
+    text of a template without its references: only that is checked character by
+    character at registration.
     """
-    for char in value:
+    for char in value if written is None else written:
         if char == "\t" or " " <= char <= "~":
             continue
         if char > "~" and char != "\x7f":
             return "has a non-ASCII character in its value (headers are ASCII only)"
         return "has control characters in its value"
+    if value != value.strip(" \t"):
+        return "has leading or trailing whitespace in its value, which HTTP does not carry"
     return None
 
 
@@ -123,7 +128,7 @@ def _check_headers(headers: dict[str, str], templated: bool = False) -> dict[str
             raise ValueError(f"header {name!r} is set by the orchestrator and cannot be configured")
         # In a call's headers only the written text is checked here; what a template
         # renders to is checked when the request is built.
-        problem = header_value_problem(strip_refs(value) if templated else value)
+        problem = header_value_problem(value, strip_refs(value) if templated else None)
         if problem:
             raise ValueError(f"header {name!r} {problem}")
     return headers

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +26,23 @@ def idempotency_key(saga_id: uuid.UUID, step: str, direction: Direction) -> str:
     return f"{saga_id}:{step}:{direction.value}"
 
 
+def _only_template_errors(build: Callable[..., HttpRequest]) -> Callable[..., HttpRequest]:
+    """Whatever the data, nothing but TemplateError comes out of `build`: a value that
+    makes an unexpected error is bad input for this step, never a crash of its task."""
+
+    @functools.wraps(build)
+    def guarded(*args: Any, **kwargs: Any) -> HttpRequest:
+        try:
+            return build(*args, **kwargs)
+        except TemplateError:
+            raise
+        except Exception as exc:  # any other failure to build is the same kind of failure
+            raise TemplateError(f"the request could not be built ({type(exc).__name__})") from None
+
+    return guarded
+
+
+@_only_template_errors
 def build_request(
     *,
     call: CallSpec,
@@ -37,43 +56,7 @@ def build_request(
     deadline_at: datetime | None,
     allowed_hosts: list[str],
 ) -> HttpRequest:
-    """Render templates and set the contract's headers; TemplateError if it cannot be built.
-
-    Whatever the data, nothing but TemplateError comes out of here: a value that makes
-    an unexpected error is bad input for this step, never a crash of the saga's task.
-    """
-    try:
-        return _build(
-            call=call,
-            service=service,
-            step_name=step_name,
-            step_timeout=step_timeout,
-            direction=direction,
-            saga_id=saga_id,
-            context=context,
-            request_id=request_id,
-            deadline_at=deadline_at,
-            allowed_hosts=allowed_hosts,
-        )
-    except TemplateError:
-        raise
-    except Exception as exc:  # any other failure to build is the same kind of failure
-        raise TemplateError(f"the request could not be built ({type(exc).__name__})") from None
-
-
-def _build(
-    *,
-    call: CallSpec,
-    service: ServiceSpec | None,
-    step_name: str,
-    step_timeout: float | None,
-    direction: Direction,
-    saga_id: uuid.UUID,
-    context: RenderContext,
-    request_id: str | None,
-    deadline_at: datetime | None,
-    allowed_hosts: list[str],
-) -> HttpRequest:
+    """Render templates and set the contract's headers; TemplateError if it cannot be built."""
     if call.url is not None:
         url = render_url(call.url, context)
     else:

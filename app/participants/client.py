@@ -108,6 +108,13 @@ class ParticipantClient:
             )
         except httpx.ConnectError as exc:
             return CallResult(failure=CallFailure.CONNECT, message=f"cannot connect: {exc}")
+        except httpx.LocalProtocolError as exc:
+            # The client refused to write our request (its line or headers break HTTP):
+            # it never went out, like a request that could not be built.
+            return CallResult(
+                failure=CallFailure.TEMPLATE,
+                message=f"the request could not be sent ({type(exc).__name__}); nothing was sent",
+            )
         except Exception as exc:
             # Anything after the connection was made: the request may have arrived.
             return CallResult(

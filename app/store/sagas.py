@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
@@ -167,6 +167,15 @@ _STEP_SUMMARY_COLUMNS = (
 )
 
 
+S = TypeVar("S")
+
+
+def _summary(cls: type[S], row: Any, **given: Any) -> S:
+    """A summary dataclass from a row: each field from the column of its name, unless given."""
+    names = cls.__slots__  # type: ignore[attr-defined]
+    return cls(**{name: given[name] if name in given else getattr(row, name) for name in names})
+
+
 class SagaStore:
     """Queries behind the sagas API."""
 
@@ -302,30 +311,14 @@ class SagaStore:
         by_saga: dict[uuid.UUID, list[StepSummary]] = {}
         for st in step_rows:
             by_saga.setdefault(st.saga_id, []).append(
-                StepSummary(
-                    name=st.name,
-                    status=StepStatus(st.status),
-                    attempts=st.attempts,
-                    compensation_attempts=st.compensation_attempts,
-                    status_code=st.status_code,
-                    last_error=st.last_error,
-                    started_at=st.started_at,
-                    finished_at=st.finished_at,
-                )
+                _summary(StepSummary, st, status=StepStatus(st.status))
             )
         return [
-            SagaSummary(
-                id=r.id,
+            _summary(
+                SagaSummary,
+                r,
                 definition=r.definition_name,
-                definition_version=r.definition_version,
                 status=SagaStatus(r.status),
-                idempotency_key=r.idempotency_key,
-                created_at=r.created_at,
-                updated_at=r.updated_at,
-                finished_at=r.finished_at,
-                error=r.error,
-                deadline_at=r.deadline_at,
-                cancel_requested=r.cancel_requested,
                 steps=by_saga.get(r.id, []),
             )
             for r in rows

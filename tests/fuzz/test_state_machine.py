@@ -29,10 +29,8 @@ examples (about 20 s); SAGA_CHAOS_FULL=1 runs 30 examples of 25 steps (about 5 m
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -58,7 +56,7 @@ from app.domain.states import SAGA_TRANSITIONS, STEP_TRANSITIONS, SagaStatus, St
 from tests.fuzz.conftest import Record, full_mode
 from tests.support import pg
 from tests.support.crash import ADMIN_TOKEN, Launcher, Proc, TrackingParticipant
-from tests.support.servers import Reply, serve
+from tests.support.servers import Reply, ServerThread
 
 pytestmark = pytest.mark.slow
 
@@ -136,50 +134,6 @@ def _step(name: str) -> dict[str, Any]:
             "jitter": False,
         },
     }
-
-
-# --- a participant on a thread of its own ------------------------------------------------
-
-
-class ServerThread:
-    """An ASGI app served by uvicorn on 127.0.0.1 in a background thread's event loop, so
-    the state machine itself can run synchronously."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.url = ""
-        self._started = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="participant", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self._loop.run_until_complete(self._main())
-        except BaseException as exc:  # reported by start()
-            self._error = exc
-            self._started.set()
-        finally:
-            self._loop.close()
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        async with serve(self.app) as base:
-            self.url = base
-            self._started.set()
-            await self._stop.wait()
-
-    def start(self) -> str:
-        self._thread.start()
-        if not self._started.wait(20) or self._error is not None:
-            raise AssertionError(f"participant did not start: {self._error!r}")
-        return self.url
-
-    def stop(self) -> None:
-        if self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(15)
 
 
 # --- one example -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -132,3 +133,44 @@ class Participant:
             headers=reply.headers,
             media_type="application/json",
         )
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a background thread's event loop, so
+    the state machine itself can run synchronously."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.url = ""
+        self._started = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="participant", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._main())
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+            self._started.set()
+        finally:
+            self._loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with serve(self.app) as base:
+            self.url = base
+            self._started.set()
+            await self._stop.wait()
+
+    def start(self) -> str:
+        self._thread.start()
+        if not self._started.wait(20) or self._error is not None:
+            raise AssertionError(f"participant did not start: {self._error!r}")
+        return self.url
+
+    def stop(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(15)
