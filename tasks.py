@@ -5,6 +5,7 @@
     python3 tasks.py run serve  # ... or any other saga-orchestrator command
     python3 tasks.py test    # install into .venv, then ruff, mypy and pytest
     python3 tasks.py chaos   # the chaos suite at full size (figures in test-artifacts/chaos/)
+    python3 tasks.py bench   # the benchmark vs DBOS and a floor (--quick: ~1 min; bench/README.md)
 
 Everything the project needs is installed by this file into ./.venv.
 """
@@ -97,7 +98,19 @@ def cmd_chaos(args: list[str]) -> int:
     return failed or soak
 
 
-COMMANDS = {"run": cmd_run, "test": cmd_test, "lint": cmd_lint, "chaos": cmd_chaos}
+def cmd_bench(args: list[str]) -> int:
+    """The benchmark (bench/README.md); it stops every process it started, also on Ctrl-C."""
+    ensure_venv()
+    return _run(BIN / "python", "bench/run.py", *args, check=False)
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "test": cmd_test,
+    "lint": cmd_lint,
+    "chaos": cmd_chaos,
+    "bench": cmd_bench,
+}
 
 
 def main() -> None:
