@@ -9,7 +9,7 @@ import signal
 import sys
 
 from app import logs
-from app.settings import Settings
+from app.settings import Settings, exposure
 from app.store.db import Database, make_engine, open_database
 from app.store.migrate import upgrade
 
@@ -72,6 +72,14 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(run_demo(settings, args.port, fast=args.fast, exit_after=args.exit))
     logs.configure(settings.log_format, settings.log_level)
+    if args.command in ("serve", "api"):
+        refusals, warnings = exposure(settings, args.host)
+        for warning in warnings:
+            log.warning(warning)
+        for refusal in refusals:
+            log.error(refusal)
+        if refusals:
+            sys.exit(2)
     database = start_database(settings)
     try:
         if args.command == "migrate":

@@ -6,14 +6,58 @@ import json
 import logging
 import sys
 import traceback
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from app.api.middleware import request_id_var
-
+# The request being served, for every log line it causes (set by the API's middleware).
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 _STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime"}
 REDACTED = "[redacted]"
 _SECRET_KEYS = {"authorization", "token", "password", "headers"}
+
+
+class Redactor:
+    """Known secret values (tokens, service header values), replaced in every log line.
+
+    The last line of defence: code already avoids logging request data and exception
+    messages that may carry it; whatever still gets through is masked here, in each
+    formatted line, also in its JSON-escaped spelling. Values shorter than MIN_LENGTH are
+    not registered (they would mask ordinary words)."""
+
+    MIN_LENGTH = 4
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+        self._ordered: list[str] = []
+
+    def add(self, *values: str | None) -> None:
+        fresh = {v for v in values if v and len(v) >= self.MIN_LENGTH} - self._values
+        if fresh:
+            self._values |= fresh
+            for value in fresh:
+                escaped = json.dumps(value)[1:-1]
+                self._values.add(escaped)
+            # Longest first, so that a secret containing another is masked whole.
+            self._ordered = sorted(self._values, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for value in self._ordered:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
+
+
+known_secrets = Redactor()
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error as logs may show it: its type, and a database error's SQLSTATE; never its
+    message, which can carry SQL parameters, inputs or participants' answers."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(
+        exc, "sqlstate", None
+    )
+    return f"{type(exc).__name__}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
 
 
 def safe_traceback(exc: BaseException, frames: int = 8) -> str:
@@ -42,7 +86,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = REDACTED if key.lower() in _SECRET_KEYS else value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return known_secrets.redact(json.dumps(line, default=str))
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -58,7 +102,7 @@ class ConsoleFormatter(logging.Formatter):
             base += " " + " ".join(f"{k}={v}" for k, v in extras.items())
         if record.exc_info:
             base += "\n" + self.formatException(record.exc_info)
-        return base
+        return known_secrets.redact(base)
 
 
 def configure(fmt: str = "json", level: str = "INFO") -> None:

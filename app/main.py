@@ -17,13 +17,17 @@ from app.api.auth import Tokens
 from app.api.context import AppContext
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, V1GuardMiddleware
 from app.dashboard import routes as dashboard_routes
+from app.dashboard.auth import LoginLimiter
 from app.engine.executor import Executor
+from app.logs import known_secrets
+from app.participants.client import ParticipantClient
 from app.settings import Settings
 from app.store.admin import AdminStore
 from app.store.db import make_engine
 from app.store.listen import Listener, SagaWaiters
 from app.store.registry import Registry
 from app.store.sagas import SAGA_DONE_CHANNEL, SagaStore
+from app.store.sessions import SessionStore
 from app.store.stats import StatsStore
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import Tracing
@@ -43,11 +47,18 @@ def resolve_tokens(settings: Settings) -> Tokens:
             "SAGA_ADMIN_TOKEN is not set; generated one for this process",
             extra={"admin_token": admin},
         )
+    known_secrets.add(settings.api_token, admin, settings.metrics_token)
     return Tokens(api=settings.api_token or None, admin=admin)
 
 
-def create_app(settings: Settings, database_url: str, run_executor: bool = False) -> FastAPI:
-    """The ASGI app; with `run_executor` it also drives sagas in this process."""
+def create_app(
+    settings: Settings,
+    database_url: str,
+    run_executor: bool = False,
+    participant_client: ParticipantClient | None = None,
+) -> FastAPI:
+    """The ASGI app; with `run_executor` it also drives sagas in this process (calling
+    participants through `participant_client`, by default one built from settings)."""
     tokens = resolve_tokens(settings)
     metrics = Metrics()
     tracing = Tracing(settings.otlp_endpoint)
@@ -66,6 +77,8 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
             stats=StatsStore(engine),
             metrics=metrics,
             tokens=tokens,
+            sessions=SessionStore(engine),
+            login_limiter=LoginLimiter(),
         )
         listener = Listener(
             database_url, [SAGA_DONE_CHANNEL], lambda _c, payload: waiters.notify(payload)
@@ -74,7 +87,14 @@ def create_app(settings: Settings, database_url: str, run_executor: bool = False
         stop = asyncio.Event()
         executor_task = None
         if run_executor:
-            executor = Executor(engine, settings, database_url, metrics=metrics, tracing=tracing)
+            executor = Executor(
+                engine,
+                settings,
+                database_url,
+                client=participant_client,
+                metrics=metrics,
+                tracing=tracing,
+            )
             executor_task = asyncio.create_task(executor.run(stop), name="executor")
         try:
             yield

@@ -6,11 +6,14 @@ fixtures and handed to `create_app` / the worker explicitly.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.domain.hosts import HostPolicy
 
 
 class Settings(BaseSettings):
@@ -22,6 +25,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("./.saga"), alias="SAGA_DATA_DIR")
     api_token: str | None = Field(default=None, alias="SAGA_API_TOKEN")
     admin_token: str | None = Field(default=None, alias="SAGA_ADMIN_TOKEN")
+    metrics_token: str | None = Field(default=None, alias="SAGA_METRICS_TOKEN")
+    public_url: str | None = Field(default=None, alias="SAGA_PUBLIC_URL")
     allowed_hosts: str = Field(default="*", alias="SAGA_ALLOWED_HOSTS")
     log_format: Literal["json", "console"] = Field(default="json", alias="SAGA_LOG_FORMAT")
     log_level: str = Field(default="INFO", alias="SAGA_LOG_LEVEL")
@@ -37,9 +42,32 @@ class Settings(BaseSettings):
     # Test-only: the name of a point where the process kills itself (crash tests).
     failpoint: str | None = Field(default=None, alias="SAGA_FAILPOINT")
 
+    @field_validator("api_token", "admin_token", "metrics_token", "public_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("SAGA_PUBLIC_URL must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
     @property
-    def allowed_host_patterns(self) -> list[str]:
-        return [p.strip().lower() for p in self.allowed_hosts.split(",") if p.strip()]
+    def https(self) -> bool:
+        """Served to its users over https (SAGA_PUBLIC_URL says so): cookies are Secure."""
+        return bool(self.public_url and self.public_url.startswith("https://"))
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: str) -> str:
+        HostPolicy.parse(value)  # refuse to start on a pattern that cannot be read
+        return value
+
+    @property
+    def host_policy(self) -> HostPolicy:
+        return HostPolicy.parse(self.allowed_hosts)
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -53,3 +81,66 @@ def sqlalchemy_url(url: str) -> str:
 def libpq_url(url: str) -> str:
     """The plain libpq form of a URL, for psycopg connections outside SQLAlchemy."""
     return "postgresql://" + sqlalchemy_url(url)[len("postgresql+psycopg://") :]
+
+
+WEAK_TOKENS = frozenset({"change-me", "changeme", "secret", "admin", "password", "token"})
+MIN_TOKEN_LENGTH = 16
+
+
+def loopback(host: str) -> bool:
+    """Whether a bind address is reachable only from this machine."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def exposure(settings: Settings, host: str) -> tuple[list[str], list[str]]:
+    """What is wrong with serving HTTP on `host` with these settings: (refusals, warnings).
+
+    Off loopback, the admin token must be set and strong (a generated one would differ
+    between replicas and be lost at restart), and an open /v1 is loudly warned about.
+    """
+    refusals: list[str] = []
+    warnings: list[str] = []
+    for name, value in (
+        ("SAGA_API_TOKEN", settings.api_token),
+        ("SAGA_METRICS_TOKEN", settings.metrics_token),
+    ):
+        if value is not None and _weak(value):
+            refusals.append(f"{name} is too weak: use {MIN_TOKEN_LENGTH}+ random characters")
+    if not loopback(host):
+        token = settings.admin_token
+        if not token:
+            refusals.append(
+                f"SAGA_ADMIN_TOKEN is not set, and {host} is not a loopback address: set it "
+                f"to {MIN_TOKEN_LENGTH}+ random characters (the same on every replica)"
+            )
+        elif _weak(token):
+            refusals.append(
+                f"SAGA_ADMIN_TOKEN is too weak for {host}: use {MIN_TOKEN_LENGTH}+ random "
+                "characters, not a placeholder"
+            )
+        if not settings.api_token:
+            warnings.append(
+                f"SAGA_API_TOKEN is not set: /v1 is OPEN to anyone who can reach {host}, "
+                "registrations included; set SAGA_API_TOKEN"
+            )
+        if settings.host_policy.anything:
+            warnings.append(
+                "SAGA_ALLOWED_HOSTS is '*': participants may live on any host but the "
+                "always-refused ranges; name your participants' hosts or networks"
+            )
+    for pattern in settings.host_policy.dns:
+        if pattern.address_like:
+            warnings.append(
+                f"SAGA_ALLOWED_HOSTS entry {pattern.glob!r} looks like an address wildcard: "
+                "it is a DNS pattern and matches nothing; write a CIDR block (10.0.0.0/24)"
+            )
+    return refusals, warnings
+
+
+def _weak(token: str) -> bool:
+    return token.strip().lower() in WEAK_TOKENS or len(token) < MIN_TOKEN_LENGTH

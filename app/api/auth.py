@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from enum import Enum
 
 from fastapi import Request
 
@@ -38,52 +39,76 @@ def bearer(authorization: str | None) -> str | None:
     return value.strip()
 
 
-def check(tokens: Tokens, authorization: str | None, admin: bool) -> Problem | str | None:
-    """The caller's token id when allowed (None: open API, no token needed), else a Problem."""
+class Access(Enum):
+    """What a request needs (contract §2, "Who may do what")."""
+
+    API = "api"  # start, read, cancel sagas; read services and definitions
+    REGISTER = "register"  # register, replace or delete services and definitions
+    ADMIN = "admin"  # /v1/admin/* and the dashboard
+
+
+ANONYMOUS = "anonymous"  # the actor of a registration on an open API
+
+
+def access_for(method: str, path: str) -> Access:
+    """Which access a /v1 request needs, from its method and path alone (so it can be
+    decided before the body is read)."""
+    if path.startswith("/v1/admin/"):
+        return Access.ADMIN
+    writes = method in ("PUT", "POST", "PATCH", "DELETE")
+    if writes and (path.startswith("/v1/services/") or path.rstrip("/") == "/v1/definitions"):
+        return Access.REGISTER
+    return Access.API
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, detail, slug="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+def check(tokens: Tokens, authorization: str | None, access: Access) -> Problem | str | None:
+    """The caller's token id when allowed (None: open API, no token given), else a Problem.
+
+    Without SAGA_API_TOKEN the API, registrations included, is open; with it, the API
+    token may use the API and the admin token may do everything. The admin endpoints
+    always need the admin token.
+    """
     given = bearer(authorization)
-    if not admin and tokens.api is None:
+    if access is not Access.ADMIN and tokens.api is None:
         return Tokens.token_id(given) if given else None
     if given is None:
-        what = "admin token" if admin else "token"
-        return Problem(
-            401,
-            f"send Authorization: Bearer <{what}>",
-            slug="unauthorized",
-            headers={"WWW-Authenticate": "Bearer"},
+        return _unauthorized(
+            f"send Authorization: Bearer <{'token' if access is Access.API else 'admin token'}>"
         )
     if Tokens.matches(given, tokens.admin):
         return Tokens.token_id(given)
-    if admin:
-        if Tokens.matches(given, tokens.api):
-            return Problem(403, "this endpoint needs the admin token", slug="forbidden")
-        return Problem(
-            401,
-            "the bearer token is not valid",
-            slug="unauthorized",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
     if Tokens.matches(given, tokens.api):
-        return Tokens.token_id(given)
-    return Problem(
-        401,
-        "the bearer token is not valid",
-        slug="unauthorized",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+        if access is Access.API:
+            return Tokens.token_id(given)
+        what = "registering services and definitions" if access is Access.REGISTER else "this"
+        return Problem(403, f"{what} needs the admin token", slug="forbidden")
+    return _unauthorized("the bearer token is not valid")
 
 
-def require_api(request: Request) -> str | None:
-    """When SAGA_API_TOKEN is set, /v1/ needs it (or the admin token)."""
-    result = check(request.app.state.ctx.tokens, request.headers.get("authorization"), False)
+def _require(request: Request, access: Access) -> str | None:
+    result = check(request.app.state.ctx.tokens, request.headers.get("authorization"), access)
     if isinstance(result, Problem):
         raise result
     return result
 
 
+def require_api(request: Request) -> str | None:
+    """When SAGA_API_TOKEN is set, /v1/ needs it (or the admin token)."""
+    return _require(request, Access.API)
+
+
+def require_registrar(request: Request) -> str:
+    """Registering needs the admin token when SAGA_API_TOKEN is set. Returns the actor
+    for the audit log: the token's id, or `anonymous` on an open API."""
+    return _require(request, Access.REGISTER) or ANONYMOUS
+
+
 def require_admin(request: Request) -> str:
     """/v1/admin/* always needs the admin token. Returns its id for the audit log."""
-    result = check(request.app.state.ctx.tokens, request.headers.get("authorization"), True)
-    if isinstance(result, Problem):
-        raise result
+    result = _require(request, Access.ADMIN)
     assert result is not None
     return result

@@ -9,11 +9,13 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api.auth import Tokens
+from app.dashboard.auth import LoginLimiter
 from app.settings import Settings
 from app.store.admin import AdminStore
 from app.store.listen import SagaWaiters
 from app.store.registry import Registry
 from app.store.sagas import SagaStore
+from app.store.sessions import SessionStore
 from app.store.stats import StatsStore
 from app.telemetry.metrics import Metrics
 
@@ -29,6 +31,8 @@ class AppContext:
     stats: StatsStore
     metrics: Metrics
     tokens: Tokens
+    sessions: SessionStore
+    login_limiter: LoginLimiter
 
 
 def get_ctx(request: Request) -> AppContext:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
+from app.api.auth import Tokens, bearer
 from app.api.context import Ctx
 from app.api.openapi import answer, problems
 from app.api.problems import problem_response
@@ -82,12 +83,24 @@ async def readyz(ctx: Ctx) -> Any:
             "description": "Prometheus text exposition format",
             "content": {"text/plain": {"schema": {"type": "string"}, "example": METRICS_EXAMPLE}},
         },
-        **problems(400, 413, 503),
+        **problems(400, 401, 413, 503, notes={401: "SAGA_METRICS_TOKEN is set: send it."}),
     },
 )
-async def metrics(ctx: Ctx) -> Response:
+async def metrics(ctx: Ctx, request: Request) -> Response:
     """Counters and histograms of this process (sagas started and finished, attempts,
-    durations), plus figures shared by all processes (sagas by status, dead letters open,
-    circuit states), in the Prometheus text format."""
+    durations), plus figures shared by all processes (sagas in flight by status, dead
+    letters open, circuit states), in the Prometheus text format. With
+    SAGA_METRICS_TOKEN set, it needs `Authorization: Bearer <that token>` (or the admin
+    token)."""
+    expected = ctx.settings.metrics_token
+    if expected is not None:
+        given = bearer(request.headers.get("authorization")) or ""
+        if not (Tokens.matches(given, expected) or Tokens.matches(given, ctx.tokens.admin)):
+            return problem_response(
+                401,
+                "send Authorization: Bearer <SAGA_METRICS_TOKEN>",
+                slug="unauthorized",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
     shared = await ctx.stats.shared_figures()
     return Response(ctx.metrics.render(shared), media_type=CONTENT_TYPE_LATEST)

@@ -7,16 +7,15 @@ import logging
 import re
 import time
 import uuid
-from contextvars import ContextVar
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.auth import Tokens, check
+from app.api.auth import Tokens, access_for, check
 from app.api.problems import Problem
+from app.logs import request_id_var
 
 MAX_BODY_BYTES = 1024 * 1024
-request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 _VALID_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 access_log = logging.getLogger("app.access")
 
@@ -115,7 +114,8 @@ class V1GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        result = check(self.tokens, headers.get(b"authorization"), path.startswith("/v1/admin/"))
+        access = access_for(str(scope.get("method", "")), path)
+        result = check(self.tokens, headers.get(b"authorization"), access)
         if isinstance(result, Problem):
             extra = [(k.lower().encode(), v.encode()) for k, v in result.headers.items()]
             await _send_problem(send, result.status, result.detail, extra)

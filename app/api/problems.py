@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.api.openapi import document
+from app.logs import describe_error, safe_traceback
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
     async def _db_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("database unavailable", extra={"error": str(exc)[:300]})
+        log.warning("database unavailable", extra={"error": describe_error(exc)})
         return problem_response(
             503,
             "the database is unavailable; retry shortly",
@@ -171,10 +172,14 @@ def install(app: FastAPI) -> None:
                 slug="database-unavailable",
                 headers={"Retry-After": "2"},
             )
-        log.exception("database error")
+        log.error(
+            "database error", extra={"error": describe_error(exc), "where": safe_traceback(exc)}
+        )
         return problem_response(500, "internal error; see the server log with the request id")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+        log.error(
+            "unhandled error", extra={"error": describe_error(exc), "where": safe_traceback(exc)}
+        )
         return problem_response(500, "internal error; see the server log with the request id")

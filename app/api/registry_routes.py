@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Path, Response
 
 from app.api import examples
-from app.api.auth import require_api
+from app.api.auth import require_api, require_registrar
 from app.api.context import Ctx
 from app.api.openapi import V1, answer, link, problems
 from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
@@ -16,14 +16,20 @@ from app.api.schemas import DefinitionOut, Page, ServiceOut
 from app.domain.definition import (
     NAME_PATTERN,
     DefinitionSpec,
+    RuleViolation,
     ServiceSpec,
+    call_urls,
     check_definition,
-    host_allowed,
     is_name,
 )
+from app.domain.hosts import Verdict, url_host_port
+from app.domain.templates import strip_refs
+from app.participants.network import check_url
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api)])
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, description="lowercase name")]
+Registrar = Annotated[str, Depends(require_registrar)]
+REGISTER = (*V1, 403)  # with SAGA_API_TOKEN set, registering needs the admin token
 SERVICE_BODY = Body(
     openapi_examples={
         "payments": {"summary": "A payments service", "value": examples.SERVICE_SPEC},
@@ -73,7 +79,7 @@ def _cursor_name(cursor: str | None) -> str | None:
         **answer(200, "Replaced: the service existed", examples.SERVICE_OUT, links=SERVICE_LINKS),
         **answer(201, "Registered", examples.SERVICE_OUT, model=ServiceOut, links=SERVICE_LINKS),
         **problems(
-            *V1,
+            *REGISTER,
             415,
             422,
             notes={
@@ -89,6 +95,7 @@ async def put_service(
     name: NamePath,
     spec: Annotated[ServiceSpec, SERVICE_BODY],
     ctx: Ctx,
+    actor: Registrar,
     response: Response,
 ) -> ServiceOut:
     """Register the participant service `name`, or replace its settings (`200`).
@@ -98,16 +105,15 @@ async def put_service(
     calls in flight across all executors, and `circuit_breaker` tunes its breaker.
     Header values are secrets: they are never echoed back.
     """
-    if not host_allowed(spec.base_url, ctx.settings.allowed_host_patterns):
+    refused = await check_url(ctx.settings.host_policy, *url_host_port(spec.base_url))
+    if refused:
         raise Problem(
             422,
-            f"base_url host is not allowed by SAGA_ALLOWED_HOSTS ({ctx.settings.allowed_hosts})",
+            f"base_url is not allowed: {refused}",
             slug="host-not-allowed",
-            errors=[
-                {"loc": ["body", "base_url"], "msg": "host not allowed", "type": "value_error"}
-            ],
+            errors=[{"loc": ["body", "base_url"], "msg": refused, "type": "value_error"}],
         )
-    record, created = await ctx.registry.put_service(name, spec)
+    record, created = await ctx.registry.put_service(name, spec, actor)
     response.status_code = 201 if created else 200
     return ServiceOut.of(record)
 
@@ -162,7 +168,7 @@ async def get_service(name: NamePath, ctx: Ctx) -> ServiceOut:
             201, "Registered as a new version", examples.DEFINITION_OUT, links=DEFINITION_LINKS
         ),
         **problems(
-            *V1,
+            *REGISTER,
             415,
             422,
             notes={
@@ -175,7 +181,10 @@ async def get_service(name: NamePath, ctx: Ctx) -> ServiceOut:
     summary="Register a definition (a new version when the content changed)",
 )
 async def post_definition(
-    spec: Annotated[DefinitionSpec, DEFINITION_BODY], ctx: Ctx, response: Response
+    spec: Annotated[DefinitionSpec, DEFINITION_BODY],
+    ctx: Ctx,
+    response: Response,
+    actor: Registrar,
 ) -> DefinitionOut:
     """Register a saga definition: named steps, each an `action` and an optional
     `compensation` HTTP call, with retry policies, timeouts and templates.
@@ -188,7 +197,14 @@ async def post_definition(
         s.service for st in spec.steps for s in (st.action, st.compensation) if s and s.service
     }
     known = await ctx.registry.service_names(wanted)
-    violations = check_definition(spec, known, ctx.settings.allowed_host_patterns)
+    policy = ctx.settings.host_policy
+    violations = check_definition(spec, known, policy)
+    for loc, url in call_urls(spec):  # names no DNS pattern names: resolved now
+        host, port = url_host_port(strip_refs(url))
+        if policy.written(host, port).verdict is Verdict.CHECK_ADDRESSES:
+            refused = await check_url(policy, host, port)
+            if refused:
+                violations.append(RuleViolation(loc, f"{url!r} is not allowed: {refused}"))
     if violations:
         raise Problem(
             422,
@@ -198,7 +214,7 @@ async def post_definition(
                 {"loc": ["body", *v.loc], "msg": v.msg, "type": "value_error"} for v in violations
             ],
         )
-    record, created = await ctx.registry.register_definition(spec)
+    record, created = await ctx.registry.register_definition(spec, actor)
     response.status_code = 201 if created else 200
     return DefinitionOut.of(record)
 

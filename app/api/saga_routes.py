@@ -16,7 +16,6 @@ from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
 from app.api import examples
 from app.api.auth import require_api
 from app.api.context import Ctx
-from app.api.middleware import request_id_var
 from app.api.openapi import IDEMPOTENT_REPLAYED, LOCATION, V1, answer, problems, saga_links
 from app.api.pagination import (
     Cursor,
@@ -32,6 +31,7 @@ from app.api.problems import Problem
 from app.api.schemas import EventOut, Page, SagaOut, SagaStart, SagaSummaryOut
 from app.domain.definition import NAME_PATTERN
 from app.domain.states import SagaStatus
+from app.logs import request_id_var
 from app.store.sagas import CancelResult, NewSaga, StartResult
 
 router = APIRouter(prefix="/v1/sagas", dependencies=[Depends(require_api)])

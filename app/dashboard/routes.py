@@ -30,12 +30,13 @@ class LoginRequired(Exception):
     """Raised by `session` when there is no valid cookie: answered with a redirect."""
 
 
-def session(request: Request) -> str:
+async def session(request: Request) -> str:
+    """The session cookie, when its session is live in the database (not logged out,
+    not expired); else a redirect to the login page."""
     ctx: AppContext = request.app.state.ctx
     cookie = request.cookies.get(auth.COOKIE)
-    if not auth.valid_session(ctx.tokens.admin, cookie):
+    if not cookie or len(cookie) > 128 or not await ctx.sessions.valid(auth.digest(cookie)):
         raise LoginRequired
-    assert cookie is not None
     return cookie
 
 
@@ -91,33 +92,56 @@ async def login_page(
 
 @pages.post("/login")
 async def login(request: Request, ctx: Ctx) -> Response:
+    client = request.client.host if request.client else "unknown"
+    wait = ctx.login_limiter.retry_after(client)
+    target = _safe_next(None)
+    if wait > 0:
+        refused = render(
+            request,
+            "login.html",
+            None,
+            error=f"Too many failed logins from {client}; try again in {wait:.0f} s.",
+            next=target,
+        )
+        refused.status_code = 429
+        refused.headers["Retry-After"] = str(max(1, round(wait)))
+        return refused
     form = await _form(request)
     token = form.get("token", "")
     target = _safe_next(form.get("next"))
     if not Tokens.matches(token, ctx.tokens.admin):
+        ctx.login_limiter.failed(client)
         refused = render(
             request, "login.html", None, error="That is not the admin token.", next=target
         )
         refused.status_code = 401
         return refused
+    cookie = auth.new_secret()
+    await ctx.sessions.create(
+        auth.digest(cookie), Tokens.token_id(token), client, auth.SESSION_SECONDS
+    )
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         auth.COOKIE,
-        auth.new_session(ctx.tokens.admin),
+        cookie,
         max_age=auth.SESSION_SECONDS,
         httponly=True,
         samesite="strict",
+        secure=ctx.settings.https,
         path="/admin",
     )
     return response
 
 
 @pages.post("/logout")
-async def logout(request: Request, cookie: Session) -> Response:
+async def logout(request: Request, ctx: Ctx, cookie: Session) -> Response:
     if await _checked_form(request, cookie) is None:
         return _forbidden(request)
+    await ctx.sessions.revoke(auth.digest(cookie))
     response = RedirectResponse("/admin/login", status_code=303)
-    response.delete_cookie(auth.COOKIE, path="/admin")
+    response.delete_cookie(
+        auth.COOKIE, path="/admin", httponly=True, samesite="strict", secure=ctx.settings.https
+    )
     return response
 
 

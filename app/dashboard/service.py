@@ -28,7 +28,7 @@ class Dashboard:
         shared = await self.ctx.stats.shared_figures()
         by_status: dict[str, int] = {s.value: 0 for s in SagaStatus}
         by_definition: dict[str, dict[str, int]] = {}
-        for (definition, status), count in shared.sagas_by_status.items():
+        for (definition, status), count in (await self.ctx.stats.sagas_by_status()).items():
             by_status[status] = by_status.get(status, 0) + count
             by_definition.setdefault(definition, {})[status] = count
         buckets = fill_buckets(

@@ -13,7 +13,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -26,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.domain.hosts import HostPolicy, url_host_port
 from app.domain.templates import TemplateError, iter_refs, strip_refs
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
@@ -206,37 +206,6 @@ def valid_host(host: str) -> bool:
         return _DNS_NAME.match(host) is not None
 
 
-def host_allowed(url: str, patterns: list[str]) -> bool:
-    """SSRF guard: is the URL's host (or host:port) matched by an allowed pattern?"""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    for pattern in patterns:
-        if pattern == "*":
-            return True
-        pat_host, pat_port = _split_pattern(pattern)
-        if pat_port is not None and pat_port not in ("*", str(port)):
-            continue
-        if pat_host.startswith("["):  # a literal IPv6 address: no wildcards
-            if pat_host[1:-1] == host:
-                return True
-        elif fnmatchcase(host, pat_host):
-            return True
-    return False
-
-
-def _split_pattern(pattern: str) -> tuple[str, str | None]:
-    """`host`, `host:port`, `[v6]` or `[v6]:port` -> (host, port or None)."""
-    if pattern.startswith("["):
-        end = pattern.find("]")
-        rest = pattern[end + 1 :]
-        return pattern[: end + 1], (rest[1:] if rest.startswith(":") else None)
-    if ":" in pattern:
-        host, _, port = pattern.rpartition(":")
-        return host, port
-    return pattern, None
-
-
 class RetryPolicy(Document):
     max_attempts: int = Field(default=3, ge=1, le=1000)
     initial_interval_seconds: float = Field(default=1.0, gt=0, le=86400)
@@ -354,7 +323,7 @@ class RuleViolation:
 
 
 def check_definition(
-    spec: DefinitionSpec, known_services: set[str], host_patterns: list[str]
+    spec: DefinitionSpec, known_services: set[str], hosts: HostPolicy
 ) -> list[RuleViolation]:
     """Every rule that spans fields or needs the registry; empty when the definition is sound."""
     problems: list[RuleViolation] = []
@@ -383,14 +352,21 @@ def check_definition(
             calls.append(("compensation", step.compensation, earlier | {step.name}))
         for field, call, visible in calls:
             problems.extend(_check_call(call, ("steps", index, field), visible, known_services))
-            if call.url is not None and not host_allowed(call.url, host_patterns):
-                problems.append(
-                    RuleViolation(
-                        ("steps", index, field, "url"),
-                        f"host of {call.url!r} is not in SAGA_ALLOWED_HOSTS",
-                    )
-                )
+    for loc, url in call_urls(spec):
+        decision = hosts.written(*url_host_port(strip_refs(url)))
+        if decision.refused:
+            problems.append(RuleViolation(loc, f"{url!r} is not allowed: {decision.reason}"))
     return problems
+
+
+def call_urls(spec: DefinitionSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every absolute `url` of the definition's calls, with where it is written."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    for index, step in enumerate(spec.steps):
+        for field, call in (("action", step.action), ("compensation", step.compensation)):
+            if call is not None and call.url is not None:
+                found.append((("steps", index, field, "url"), call.url))
+    return found
 
 
 def _check_call(

@@ -46,7 +46,7 @@ from app.domain.states import AttemptOutcome, Direction, SagaStatus, StepStatus
 from app.domain.templates import RenderContext, TemplateError
 from app.engine.failpoints import Failpoints
 from app.engine.requests import build_request
-from app.logs import safe_traceback
+from app.logs import describe_error, known_secrets, safe_traceback
 from app.participants.client import HttpRequest, ParticipantClient
 from app.resilience.breaker import (
     BULKHEAD_RECHECK_SECONDS,
@@ -135,7 +135,7 @@ class Executor:
         self.store = ExecutorStore(engine, self.worker_id, settings.lease_seconds)
         self.registry = Registry(engine)
         self.url = url
-        self.client = client or ParticipantClient()
+        self.client = client or ParticipantClient(settings.host_policy)
         self._own_client = client is None
         self.failpoints = Failpoints(settings.failpoint)
         self._definitions: dict[int, DefinitionSpec] = {}
@@ -174,7 +174,7 @@ class Executor:
                     claimed = await self.store.claim(free)
                     error_delay = 0.1
                 except (OperationalError, DBAPIError, OSError) as exc:
-                    log.warning("claim failed", extra={"error": str(exc)})
+                    log.warning("claim failed", extra={"error": describe_error(exc)})
                     await _sleep_or_stop(stop, error_delay)
                     error_delay = min(error_delay * 2, 5.0)
                     continue
@@ -196,7 +196,12 @@ class Executor:
         self._tasks.pop(task, None)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
-            log.error("saga task crashed", exc_info=task.exception())
+            exc = task.exception()
+            assert exc is not None
+            log.error(
+                "saga task crashed",
+                extra={"error": describe_error(exc), "where": safe_traceback(exc)},
+            )
 
     async def _drain(self) -> None:
         """Let in-flight sagas finish within the grace period, then hand the rest back."""
@@ -217,7 +222,10 @@ class Executor:
             try:
                 await self.store.release(saga_id, epoch, max(0.0, call_ends - now))
             except Exception as exc:  # the lease expires on its own anyway
-                log.warning("release failed", extra={"saga_id": str(saga_id), "error": str(exc)})
+                log.warning(
+                    "release failed",
+                    extra={"saga_id": str(saga_id), "error": describe_error(exc)},
+                )
 
     async def _prune_loop(self) -> None:
         while True:
@@ -225,7 +233,7 @@ class Executor:
             try:
                 await self.store.prune_idempotency_keys()
             except Exception as exc:
-                log.warning("pruning idempotency keys failed", extra={"error": str(exc)})
+                log.warning("pruning idempotency keys failed", extra={"error": describe_error(exc)})
 
     # --- one saga ----------------------------------------------------------------------
 
@@ -396,7 +404,6 @@ class Executor:
                 context=_context(work, lenient=not forward),
                 request_id=work.request_id,
                 deadline_at=work.deadline_at,
-                allowed_hosts=self.settings.allowed_host_patterns,
             )
         except TemplateError as exc:
             template_error = str(exc)
@@ -433,7 +440,9 @@ class Executor:
         self.failpoints.hit("after_send_before_commit")
 
         retry_policy = step_spec.retry if forward else step_spec.compensation_retry
+        # A participant may echo a secret (its API key) in an error body: never stored.
         outcome = classify(result, retry_policy.retry_on_status)
+        outcome = replace(outcome, message=known_secrets.redact(outcome.message))
         # The planner judges from the state before start_attempt's pessimistic mark.
         state = _state(work)
         state.steps[call.index].maybe_applied = prior_maybe_applied

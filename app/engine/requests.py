@@ -14,7 +14,6 @@ from app.domain.definition import (
     ServiceSpec,
     check_http_url,
     header_value_problem,
-    host_allowed,
 )
 from app.domain.states import Direction
 from app.domain.templates import RenderContext, TemplateError, as_text, render, render_url
@@ -54,7 +53,6 @@ def build_request(
     context: RenderContext,
     request_id: str | None,
     deadline_at: datetime | None,
-    allowed_hosts: list[str],
 ) -> HttpRequest:
     """Render templates and set the contract's headers; TemplateError if it cannot be built."""
     if call.url is not None:
@@ -66,11 +64,10 @@ def build_request(
         url = service.base_url + render_url(call.path, context)
     try:
         check_http_url(url, "the rendered url")
-        allowed = host_allowed(url, allowed_hosts)
     except ValueError as exc:
         raise TemplateError(str(exc)) from None
-    if not allowed:
-        raise TemplateError(f"host of {url!r} is not in SAGA_ALLOWED_HOSTS")
+    # Whether the host may be reached is the participant client's to decide, on the
+    # addresses it resolves to when it connects (SAGA_ALLOWED_HOSTS).
     rendered_headers: Any = render(call.headers, context)
     step_headers = {str(k): _header_text(str(k), v) for k, v in rendered_headers.items()}
     overridden = {k.lower() for k in step_headers}

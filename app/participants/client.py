@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import httpcore
 import httpx
 
 from app.domain.definition import check_json
+from app.domain.hosts import HostPolicy
+from app.participants.network import GuardedBackend, Resolver, blocked_reason, system_resolver
 from app.resilience.outcome import CallFailure, CallResult, parse_retry_after
 
 MAX_RESPONSE_BYTES = 1024 * 1024
@@ -46,15 +49,30 @@ class HttpRequest:
 
 
 class ParticipantClient:
-    """A shared httpx.AsyncClient with a total per-attempt timeout."""
+    """A shared httpx.AsyncClient with a total per-attempt timeout, whose every connection
+    goes through the host policy (see `network`): a refused host or address ends the
+    attempt as `BLOCKED` before anything is sent."""
 
-    def __init__(self, max_connections: int = 200) -> None:
+    def __init__(
+        self,
+        policy: HostPolicy | None = None,
+        resolver: Resolver = system_resolver,
+        max_connections: int = 200,
+    ) -> None:
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+        # The same pool httpx builds, on a network backend that checks every connection.
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedBackend(policy or HostPolicy.parse("*"), resolver),
+        )
         self._client = httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            follow_redirects=False,
-            trust_env=False,
+            transport=transport, follow_redirects=False, trust_env=False
         )
 
     async def aclose(self) -> None:
@@ -107,6 +125,9 @@ class ParticipantClient:
                 message=f"no answer within {request.timeout_seconds:g}s",
             )
         except httpx.ConnectError as exc:
+            blocked = blocked_reason(exc)
+            if blocked is not None:
+                return CallResult(failure=CallFailure.BLOCKED, message=f"not sent: {blocked}")
             return CallResult(failure=CallFailure.CONNECT, message=f"cannot connect: {exc}")
         except httpx.LocalProtocolError as exc:
             # The client refused to write our request (its line or headers break HTTP):

@@ -85,6 +85,7 @@ def counts_as_failure(outcome: Outcome) -> bool:
     answer that was only too large (the service is up)."""
     if outcome.success or outcome.error_kind in (
         ErrorKind.TEMPLATE,
+        ErrorKind.BLOCKED,
         ErrorKind.RESPONSE_TOO_LARGE,
     ):
         return False

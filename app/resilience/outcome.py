@@ -22,6 +22,7 @@ class CallFailure(StrEnum):
     CONNECTION_LOST = "connection_lost"  # sent, connection broke: may have happened
     TEMPLATE = "template"  # the request could not be built: nothing was sent
     TOO_LARGE = "too_large"  # a 2xx answer whose body is over the cap: done, but unusable
+    BLOCKED = "blocked"  # the host or an address it resolves to is not allowed: not sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,8 @@ def classify(result: CallResult, retry_on_status: list[int] | tuple[int, ...]) -
     """Success on 2xx; retry on connection errors, timeouts and `retry_on_status`; else final."""
     if result.failure is CallFailure.TEMPLATE:
         return Outcome(False, False, False, ErrorKind.TEMPLATE, result.message)
+    if result.failure is CallFailure.BLOCKED:
+        return Outcome(False, False, False, ErrorKind.BLOCKED, result.message)
     if result.failure is CallFailure.CONNECT:
         return Outcome(False, True, False, ErrorKind.CONNECTION, result.message)
     if result.failure is CallFailure.CONNECTION_LOST:

@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.domain.states import DeadLetterStatus, Direction, SagaStatus, StepStatus
+from app.store.registry import audit
 from app.store.sagas import SAGA_WORK_CHANNEL
 from app.store.tables import AdminAudit, DeadLetter, SagaEvent
 
@@ -292,6 +293,4 @@ class AdminStore:
     async def _audit(
         self, conn: AsyncConnection, actor: str, action: str, target: str, details: dict[str, Any]
     ) -> None:
-        await conn.execute(
-            insert(AdminAudit).values(actor=actor, action=action, target=target, details=details)
-        )
+        await audit(conn, actor, action, target, details)

@@ -73,4 +73,7 @@ def make_engine(
         pool_pre_ping=True,
         pool_recycle=1800,
         connect_args=connect_args,
+        # Statement parameters carry service headers, inputs and answers: never in an
+        # error message (which may be logged).
+        hide_parameters=True,
     )

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from app.logs import describe_error
 from app.settings import libpq_url
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,10 @@ class Listener:
                 raise
             except Exception as exc:
                 self.connected.clear()
-                log.warning("listener connection lost, reconnecting", extra={"error": str(exc)})
+                log.warning(
+                    "listener connection lost, reconnecting",
+                    extra={"error": describe_error(exc)},
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

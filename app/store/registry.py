@@ -8,11 +8,13 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import distinct_on, insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.domain.audit import service_changes
 from app.domain.definition import STORED, DefinitionSpec, ServiceSpec
 from app.domain.states import CircuitState
-from app.store.tables import CircuitBreaker, Definition, Saga, Service
+from app.logs import known_secrets
+from app.store.tables import AdminAudit, CircuitBreaker, Definition, Saga, Service
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +41,9 @@ class DefinitionRecord:
 
 
 def service_spec(row: Any) -> ServiceSpec:
-    """A `services` row as the document it was registered with."""
+    """A `services` row as the document it was registered with. Its header values are
+    secrets: every process that reads them has them masked in its logs."""
+    known_secrets.add(*row.headers.values())
     return ServiceSpec.model_validate(
         {
             "base_url": row.base_url,
@@ -101,14 +105,27 @@ _SERVICE_COLUMNS = (
 )
 
 
+async def audit(
+    conn: AsyncConnection, actor: str, action: str, target: str, details: dict[str, Any]
+) -> None:
+    """One audit row, in the caller's transaction: the action and its record commit together."""
+    await conn.execute(
+        insert(AdminAudit).values(actor=actor, action=action, target=target, details=details)
+    )
+
+
 class Registry:
     """Queries on services and definitions."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def put_service(self, name: str, spec: ServiceSpec) -> tuple[ServiceRecord, bool]:
-        """Register or replace a service; True when it is new."""
+    async def put_service(
+        self, name: str, spec: ServiceSpec, actor: str
+    ) -> tuple[ServiceRecord, bool]:
+        """Register or replace a service, recorded in the audit log in the same
+        transaction (what changed, never a header value); True when it is new."""
+        known_secrets.add(*spec.headers.values())
         values = {
             "name": name,
             "base_url": spec.base_url,
@@ -129,8 +146,13 @@ class Registry:
             },
         ).returning(text("(xmax = 0) AS created"))
         async with self.engine.begin() as conn:
+            previous = (
+                await conn.execute(select(Service).where(Service.name == name).with_for_update())
+            ).first()
             created = bool((await conn.execute(stmt)).scalar_one())
             await conn.execute(insert(CircuitBreaker).values(service=name).on_conflict_do_nothing())
+            old = service_spec(previous) if previous is not None else None
+            await audit(conn, actor, "service.register", name, service_changes(old, spec))
         record = await self.get_service(name)
         assert record is not None
         return record, created
@@ -165,8 +187,11 @@ class Registry:
             rows = await conn.execute(select(Service.name).where(Service.name.in_(names)))
         return {r[0] for r in rows}
 
-    async def register_definition(self, spec: DefinitionSpec) -> tuple[DefinitionRecord, bool]:
-        """Store a new version unless the latest has the same content; True when created."""
+    async def register_definition(
+        self, spec: DefinitionSpec, actor: str
+    ) -> tuple[DefinitionRecord, bool]:
+        """Store a new version unless the latest has the same content; True when created.
+        Either way the registration is in the audit log, with the version it answered."""
         digest = spec.content_hash()
         async with self.engine.begin() as conn:
             # Serialise registrations of one name so versions stay dense and unique.
@@ -183,6 +208,8 @@ class Registry:
                 )
             ).first()
             if latest is not None and latest.content_hash == digest:
+                details = {"version": latest.version, "created": False, "content_hash": digest}
+                await audit(conn, actor, "definition.register", spec.name, details)
                 return _definition_record(latest), False
             row = (
                 await conn.execute(
@@ -196,6 +223,8 @@ class Registry:
                     .returning(Definition)
                 )
             ).one()
+            details = {"version": row.version, "created": True, "content_hash": digest}
+            await audit(conn, actor, "definition.register", spec.name, details)
         return _definition_record(row), True
 
     async def get_definition(

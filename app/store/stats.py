@@ -16,11 +16,16 @@ class StatsStore:
         self.engine = engine
 
     async def shared_figures(self) -> SharedFigures:
+        """What /metrics shows of the shared state, from cheap indexed reads only: sagas
+        in flight (a partial index), circuits, calls in flight, open dead letters and the
+        executor's lag; never an aggregate over all finished sagas (those are counted by
+        each executor's `saga_finished` counter)."""
         async with self.engine.connect() as conn:
-            by_status = (
+            active = (
                 await conn.execute(
                     text(
                         "SELECT definition_name, status, count(*) AS n FROM sagas "
+                        "WHERE status IN ('running', 'compensating') "
                         "GROUP BY definition_name, status"
                     )
                 )
@@ -49,12 +54,26 @@ class StatsStore:
                 )
             ).scalar_one()
         return SharedFigures(
-            sagas_by_status={(r.definition_name, r.status): int(r.n) for r in by_status},
+            sagas_by_status={(r.definition_name, r.status): int(r.n) for r in active},
             circuits={r.service: r.state for r in circuits},
             in_flight={r.inflight_service: int(r.n) for r in in_flight},
             dead_letters_open=int(dead),
             executor_lag_seconds=max(0.0, float(lag)),
         )
+
+    async def sagas_by_status(self) -> dict[tuple[str, str], int]:
+        """Every saga by definition and status, finished ones included: the dashboard's
+        overview (an admin page, not scraped; bounded by retention)."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT definition_name, status, count(*) AS n FROM sagas "
+                        "GROUP BY definition_name, status"
+                    )
+                )
+            ).all()
+        return {(r.definition_name, r.status): int(r.n) for r in rows}
 
     async def throughput(self, minutes: int = 60, bucket_minutes: int = 5) -> list[dict[str, Any]]:
         """Sagas finished per time bucket over the last `minutes`, with failures."""

@@ -140,6 +140,14 @@ class Saga(Base):
             "inflight_service",
             postgresql_where=text("inflight_service IS NOT NULL"),
         ),
+        # /metrics counts the sagas in flight by definition and status from this index
+        # alone, however many finished sagas the table holds.
+        Index(
+            "ix_sagas_active",
+            "definition_name",
+            "status",
+            postgresql_where=text("status IN ('running', 'compensating')"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -277,3 +285,18 @@ class AdminAudit(Base):
     action: Mapped[str] = mapped_column(Text)
     target: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+
+
+class AdminSession(Base):
+    """A dashboard login. The cookie holds a random secret; only its SHA-256 is stored,
+    and every request checks the row, so a logout (or an expiry) ends it everywhere."""
+
+    __tablename__ = "admin_sessions"
+    __table_args__ = (Index("ix_admin_sessions_expires", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)  # sha256 of the cookie secret
+    actor: Mapped[str] = mapped_column(Text)
+    client: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = tstz(default_now=True)
+    expires_at: Mapped[datetime] = tstz()
+    revoked_at: Mapped[datetime | None] = tstz(nullable=True)

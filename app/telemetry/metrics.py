@@ -15,7 +15,7 @@ CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 class SharedFigures:
     """What the database says at scrape time."""
 
-    sagas_by_status: dict[tuple[str, str], int]  # (definition, status) -> count
+    sagas_by_status: dict[tuple[str, str], int]  # (definition, status) -> count, in flight
     circuits: dict[str, str]  # service -> state
     in_flight: dict[str, int]  # service -> calls in flight (live leases)
     dead_letters_open: int
@@ -54,7 +54,11 @@ class Metrics:
             "saga_executor_calls_in_flight", "Calls this process has in flight.", registry=r
         )
         self.sagas = Gauge(
-            "saga_sagas", "Sagas by definition and status.", ["definition", "status"], registry=r
+            "saga_sagas",
+            "Sagas in flight (running, compensating) by definition and status; finished "
+            "sagas are counted by saga_finished_total.",
+            ["definition", "status"],
+            registry=r,
         )
         self.circuit = Gauge(
             "saga_circuit_state",

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.api.auth import Tokens
 from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.support.api_helpers import assert_problem, client_for, service_doc, simple_definition
 
@@ -94,15 +95,18 @@ async def test_wrong_token_is_401(locked: httpx.AsyncClient, header: str) -> Non
 
 @pytest.mark.parametrize("token", [API_TOKEN, ADMIN_TOKEN], ids=["api-token", "admin-token"])
 async def test_right_token_opens_v1(locked: httpx.AsyncClient, token: str) -> None:
+    admin = bearer(ADMIN_TOKEN)
+    r = await locked.put("/v1/services/pay", json=service_doc(), headers=admin)
+    assert r.status_code == 201, r.text
+    r = await locked.post("/v1/definitions", json=simple_definition("flow"), headers=admin)
+    assert r.status_code == 201, r.text
     h = bearer(token)
     r = await locked.get("/v1/services", headers=h)
     assert r.status_code == 200, r.text
-    r = await locked.put("/v1/services/pay", json=service_doc(), headers=h)
-    assert r.status_code == 201, r.text
     r = await locked.get("/v1/services/pay", headers=h)
     assert r.status_code == 200, r.text
-    r = await locked.post("/v1/definitions", json=simple_definition("flow"), headers=h)
-    assert r.status_code == 201, r.text
+    r = await locked.get("/v1/definitions/flow", headers=h)
+    assert r.status_code == 200, r.text
     r = await locked.post("/v1/sagas", json={"definition": "flow"}, headers=h)
     assert r.status_code == 201, r.text
     saga_id = r.json()["id"]
@@ -113,6 +117,69 @@ async def test_right_token_opens_v1(locked: httpx.AsyncClient, token: str) -> No
     # Scheme is case-insensitive (RFC 9110 §11.1).
     r = await locked.get("/v1/services", headers={"Authorization": f"bearer {token}"})
     assert r.status_code == 200, r.text
+
+
+REGISTRATIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("PUT", "/v1/services/pay", {"json": service_doc()}),
+    ("PUT", "/v1/services/other", {"json": service_doc()}),
+    ("POST", "/v1/definitions", {"json": simple_definition("flow")}),
+]
+
+
+@pytest.mark.parametrize("method,path,kwargs", REGISTRATIONS, ids=[p for _, p, _ in REGISTRATIONS])
+async def test_registering_needs_the_admin_token_when_the_api_is_locked(
+    locked: httpx.AsyncClient, method: str, path: str, kwargs: dict[str, Any]
+) -> None:
+    r = await locked.put("/v1/services/pay", json=service_doc(), headers=bearer(ADMIN_TOKEN))
+    assert r.status_code in (200, 201), r.text
+    r = await locked.request(method, path, headers=bearer(API_TOKEN), **kwargs)
+    problem = assert_problem(r, 403)
+    assert "admin token" in problem["detail"]
+    # Decided before the body is read: even an invalid body answers 403, not 422.
+    r = await locked.request(
+        method,
+        path,
+        headers={**bearer(API_TOKEN), "content-type": "application/json"},
+        content=b"{not json",
+    )
+    assert_problem(r, 403)
+    r = await locked.request(method, path, headers=bearer(ADMIN_TOKEN), **kwargs)
+    assert r.status_code in (200, 201), r.text
+
+
+async def test_registrations_are_audited_without_secret_values(
+    locked: httpx.AsyncClient,
+) -> None:
+    admin = bearer(ADMIN_TOKEN)
+    doc = service_doc()
+    doc["headers"] = {"X-Api-Key": "TOPSECRET-1"}
+    r = await locked.put("/v1/services/pay", json=doc, headers=admin)
+    assert r.status_code == 201, r.text
+    doc["headers"] = {"X-Api-Key": "TOPSECRET-2", "X-Team": "TOPSECRET-3"}
+    doc["timeout_seconds"] = 7
+    r = await locked.put("/v1/services/pay", json=doc, headers=admin)
+    assert r.status_code == 200, r.text
+    for _ in range(2):
+        r = await locked.post("/v1/definitions", json=simple_definition("flow"), headers=admin)
+        assert r.status_code in (200, 201), r.text
+    r = await locked.get("/v1/admin/audit", headers=admin)
+    entries = list(reversed(r.json()["items"]))
+    assert "TOPSECRET" not in r.text
+    first, second, defined, again = entries
+    actor = Tokens.token_id(ADMIN_TOKEN)
+    assert {e["actor"] for e in entries} == {actor}
+    assert first["action"] == "service.register" and first["details"]["created"] is True
+    assert first["details"]["headers"] == {"added": ["x-api-key"], "removed": [], "changed": []}
+    assert second["details"]["created"] is False
+    assert second["details"]["changed"] == {"timeout_seconds": {"from": 10.0, "to": 7.0}}
+    assert second["details"]["headers"] == {
+        "added": ["x-team"],
+        "removed": [],
+        "changed": ["x-api-key"],
+    }
+    assert (defined["action"], defined["target"]) == ("definition.register", "flow")
+    assert defined["details"]["created"] is True and defined["details"]["version"] == 1
+    assert again["details"]["created"] is False and again["details"]["version"] == 1
 
 
 async def test_unauthenticated_calls_change_nothing(locked: httpx.AsyncClient) -> None:

@@ -12,7 +12,7 @@ from app.main import create_app
 from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.support.isolation_helpers import (
     ADMIN,
-    audit,
+    admin_actions,
     breaker,
     call,
     dead_letters,
@@ -157,7 +157,7 @@ async def test_failed_compensation_is_dead_lettered_listed_retried_and_discarded
     assert ids(await dead_letters(orchestrator, status="retried")) == {dl1["id"]}
     assert ids(await dead_letters(orchestrator, status="discarded")) == {dl2["id"]}
 
-    entries = await audit(orchestrator)
+    entries = await admin_actions(orchestrator)
     done_actions = {(e["action"], e["target"]) for e in entries}
     assert ("dead_letter.retry", dl1["id"]) in done_actions, entries
     assert ("dead_letter.discard", dl2["id"]) in done_actions, entries
@@ -295,9 +295,9 @@ async def test_admin_endpoints_need_the_admin_token(
         assert r.status_code == 200, r.text
 
     # None of the refused calls was recorded; the admin's own action is.
-    assert await audit(orchestrator) == []
+    assert await admin_actions(orchestrator) == []
     r = await orchestrator.post("/v1/admin/services/svc/circuit/reset", headers=ADMIN)
     assert r.status_code == 200, r.text
-    (entry,) = await audit(orchestrator)
+    (entry,) = await admin_actions(orchestrator)
     assert entry["actor"] == ACTOR, entry
     assert entry["action"] == "circuit.reset" and entry["target"] == "svc", entry

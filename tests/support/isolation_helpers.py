@@ -120,6 +120,11 @@ async def audit(client: httpx.AsyncClient) -> list[dict[str, Any]]:
     return r.json()["items"]
 
 
+async def admin_actions(client: httpx.AsyncClient) -> list[dict[str, Any]]:
+    """The audit log without registrations (services and definitions are audited too)."""
+    return [e for e in await audit(client) if not e["action"].endswith(".register")]
+
+
 async def dead_letters(client: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
     r = await client.get("/v1/admin/dead-letters", params=params, headers=ADMIN)
     assert r.status_code == 200, r.text

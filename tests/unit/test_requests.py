@@ -56,7 +56,6 @@ def build(
     direction: Direction = Direction.ACTION,
     request_id: str | None = "req-1",
     deadline_at: datetime | None = None,
-    allowed_hosts: list[str] | None = None,
     context: RenderContext = CTX,
 ) -> HttpRequest:
     return build_request(
@@ -69,7 +68,6 @@ def build(
         context=context,
         request_id=request_id,
         deadline_at=deadline_at,
-        allowed_hosts=["*"] if allowed_hosts is None else allowed_hosts,
     )
 
 
@@ -266,35 +264,6 @@ def test_timeout_precedence(
 def test_unregistered_service_is_a_template_error() -> None:
     with pytest.raises(TemplateError, match="service 'pay' is not registered"):
         build(call(), service=None)
-
-
-@pytest.mark.parametrize(
-    ("spec", "service", "patterns"),
-    [
-        (call(), PAY, ["pay.internal"]),
-        (call(), PAY, ["127.0.0.1:9002"]),
-        (call(url="http://evil.example.com/x"), None, ["*.internal", "127.0.0.1"]),
-    ],
-)
-def test_host_not_allowed_is_a_template_error(
-    spec: CallSpec, service: ServiceSpec | None, patterns: list[str]
-) -> None:
-    with pytest.raises(TemplateError, match="is not in SAGA_ALLOWED_HOSTS"):
-        build(spec, service, allowed_hosts=patterns)
-
-
-@pytest.mark.parametrize(
-    ("spec", "service", "patterns"),
-    [
-        (call(), PAY, ["127.0.0.1:9001"]),
-        (call(), PAY, ["127.0.0.*"]),
-        (call(url="http://a.internal/x"), None, ["*.internal"]),
-    ],
-)
-def test_allowed_host_passes(
-    spec: CallSpec, service: ServiceSpec | None, patterns: list[str]
-) -> None:
-    assert build(spec, service, allowed_hosts=patterns).url.startswith("http")
 
 
 @pytest.mark.parametrize(
