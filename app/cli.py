@@ -141,7 +141,7 @@ def _exit_cleanly(signum: int, _frame: object) -> None:
 
 async def run_worker(settings: Settings, url: str) -> None:
     """Run the executor until SIGTERM or SIGINT, then drain gracefully."""
-    from app.engine.executor import Executor
+    from app.main import build_executor, run_executor_until
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -149,7 +149,7 @@ async def run_worker(settings: Settings, url: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     engine = make_engine(url, settings.db_pool_size, settings.lease_seconds)
     try:
-        await Executor(engine, settings, url).run(stop)
+        await run_executor_until(build_executor(settings, engine), url, stop)
     finally:
         await engine.dispose()
 

@@ -6,19 +6,22 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api import admin_routes, health, problems, registry_routes, saga_routes
 from app.api.auth import Tokens
 from app.api.context import AppContext
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, V1GuardMiddleware
+from app.core.states import WaitReason
 from app.dashboard import routes as dashboard_routes
 from app.dashboard.auth import LoginLimiter
-from app.engine.executor import Executor
+from app.engine.ports import Caller, Lease
+from app.engine.runner import EngineConfig, Executor, new_worker_id
 from app.logs import known_secrets
 from app.participants.client import ParticipantClient
 from app.settings import Settings
@@ -26,7 +29,8 @@ from app.store.admin import AdminStore
 from app.store.db import make_engine
 from app.store.listen import Listener, SagaWaiters
 from app.store.registry import Registry
-from app.store.sagas import SAGA_DONE_CHANNEL, SagaStore
+from app.store.repository import PgSagaRepository
+from app.store.sagas import SAGA_DONE_CHANNEL, SAGA_WORK_CHANNEL, SagaStore
 from app.store.sessions import SessionStore
 from app.store.stats import StatsStore
 from app.telemetry.metrics import Metrics
@@ -49,6 +53,55 @@ def resolve_tokens(settings: Settings) -> Tokens:
         )
     known_secrets.add(settings.api_token, admin, settings.metrics_token)
     return Tokens(api=settings.api_token or None, admin=admin)
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        lease_seconds=settings.lease_seconds,
+        concurrency=settings.worker_concurrency,
+        poll_interval_seconds=settings.poll_interval_seconds,
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        failpoint=settings.failpoint,
+    )
+
+
+def build_executor(
+    settings: Settings,
+    engine: AsyncEngine,
+    *,
+    worker_id: str | None = None,
+    caller: Caller | None = None,
+    metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
+    on_denied: Callable[[Lease, WaitReason], None] | None = None,
+) -> Executor:
+    """An executor on PostgreSQL, calling participants over HTTP through the host policy."""
+    worker_id = worker_id or new_worker_id()
+    return Executor(
+        PgSagaRepository(engine, worker_id, settings.lease_seconds),
+        caller or ParticipantClient(settings.host_policy),
+        engine_config(settings),
+        worker_id,
+        metrics=metrics,
+        tracing=tracing,
+        on_denied=on_denied,
+    )
+
+
+async def run_executor_until(
+    executor: Executor, database_url: str, stop: asyncio.Event, own_caller: bool = True
+) -> None:
+    """Run `executor` until `stop`, woken by the database's notifications of new work."""
+    listener = Listener(database_url, [SAGA_WORK_CHANNEL], lambda _c, _p: executor.wake())
+    listening = asyncio.create_task(listener.run(), name="executor-listen")
+    try:
+        await executor.run(stop)
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+        if own_caller:
+            await executor.caller.aclose()
 
 
 def create_app(
@@ -87,15 +140,15 @@ def create_app(
         stop = asyncio.Event()
         executor_task = None
         if run_executor:
-            executor = Executor(
-                engine,
-                settings,
-                database_url,
-                client=participant_client,
-                metrics=metrics,
-                tracing=tracing,
+            executor = build_executor(
+                settings, engine, caller=participant_client, metrics=metrics, tracing=tracing
             )
-            executor_task = asyncio.create_task(executor.run(stop), name="executor")
+            executor_task = asyncio.create_task(
+                run_executor_until(
+                    executor, database_url, stop, own_caller=participant_client is None
+                ),
+                name="executor",
+            )
         try:
             yield
         finally:

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.domain.hosts import HostPolicy
+from app.core.hosts import HostPolicy
 
 
 class Settings(BaseSettings):

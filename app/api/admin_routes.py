@@ -24,8 +24,8 @@ from app.api.pagination import (
 from app.api.problems import Problem
 from app.api.registry_routes import NamePath
 from app.api.schemas import AuditOut, DeadLetterOut, DiscardRequest, Page, ServiceOut
-from app.domain.definition import NAME_PATTERN
-from app.domain.states import DeadLetterStatus
+from app.core.definition import NAME_PATTERN
+from app.core.states import DeadLetterStatus
 from app.store.admin import ActionResult
 
 router = APIRouter(prefix="/v1/admin")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.domain.definition import DefinitionSpec
+from app.core.definition import DefinitionSpec
 
 SAGA_ID = "0b7e4a52-3c1d-4f7a-9a52-8e2b1c4d5f60"
 DEAD_LETTER_ID = "5d0c8f3e-2b7a-4c19-8e6d-1f2a3b4c5d6e"

@@ -13,7 +13,7 @@ from app.api.openapi import V1, answer, link, problems
 from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from app.api.problems import Problem
 from app.api.schemas import DefinitionOut, Page, ServiceOut
-from app.domain.definition import (
+from app.core.definition import (
     NAME_PATTERN,
     DefinitionSpec,
     RuleViolation,
@@ -22,8 +22,8 @@ from app.domain.definition import (
     check_definition,
     is_name,
 )
-from app.domain.hosts import Verdict, url_host_port
-from app.domain.templates import strip_refs
+from app.core.hosts import Verdict, url_host_port
+from app.core.templates import strip_refs
 from app.participants.network import check_url
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api)])

@@ -29,8 +29,8 @@ from app.api.pagination import (
 )
 from app.api.problems import Problem
 from app.api.schemas import EventOut, Page, SagaOut, SagaStart, SagaSummaryOut
-from app.domain.definition import NAME_PATTERN
-from app.domain.states import SagaStatus
+from app.core.definition import NAME_PATTERN
+from app.core.states import SagaStatus
 from app.logs import request_id_var
 from app.store.sagas import CancelResult, NewSaga, StartResult
 

@@ -1,4 +1,4 @@
-"""Response documents of the API (request documents live in app.domain.definition)."""
+"""Response documents of the API (request documents live in app.core.definition)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.domain.definition import CircuitBreakerConfig, Document, Name, StepSpec
-from app.domain.states import CircuitState, SagaStatus, StepStatus
+from app.core.definition import CircuitBreakerConfig, Document, Name, StepSpec
+from app.core.states import CircuitState, SagaStatus, StepStatus
 from app.store.registry import DefinitionRecord, ServiceRecord
 from app.store.sagas import SagaSummary, SagaView
 

@@ -15,10 +15,10 @@ from app.api import examples
 from app.api.auth import Tokens, require_admin
 from app.api.context import AppContext, Ctx
 from app.api.openapi import V1, answer, problems
+from app.core.definition import NAME_PATTERN
+from app.core.states import DeadLetterStatus, SagaStatus
 from app.dashboard import auth
 from app.dashboard.service import Dashboard
-from app.domain.definition import NAME_PATTERN
-from app.domain.states import DeadLetterStatus, SagaStatus
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 pages = APIRouter(prefix="/admin", include_in_schema=False)

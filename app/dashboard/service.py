@@ -8,6 +8,8 @@ from typing import Any
 
 from app.api.context import AppContext
 from app.api.schemas import DeadLetterOut, SagaOut, SagaSummaryOut, ServiceOut
+from app.core.commit import SagaState, StepState, Waiting
+from app.core.states import DeadLetterStatus, SagaStatus, WaitReason
 from app.dashboard.views import (
     chart_bars,
     compensations_if_failed,
@@ -15,7 +17,6 @@ from app.dashboard.views import (
     timeline,
     why_waiting,
 )
-from app.domain.states import DeadLetterStatus, SagaStatus
 
 IN_FLIGHT = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
 
@@ -103,14 +104,27 @@ class Dashboard:
             "waiting": why_waiting(
                 view.status,
                 schedule.get("due_at"),
-                schedule.get("waiting_on"),
+                (
+                    Waiting(WaitReason(schedule["waiting_reason"]), schedule["waiting_service"])
+                    if schedule.get("waiting_reason")
+                    else None
+                ),
                 schedule.get("lease_owner"),
                 schedule.get("lease_expires_at"),
                 now,
                 last_error,
             ),
             "would_compensate": compensations_if_failed(
-                definition.spec, view.status, [(s.name, s.status) for s in view.steps]
+                definition.spec,
+                SagaState(
+                    view.status,
+                    tuple(
+                        StepState(
+                            s.name, s.status, maybe_applied=s.maybe_applied, in_flight=s.in_flight
+                        )
+                        for s in view.steps
+                    ),
+                ),
             )
             if definition
             else [],

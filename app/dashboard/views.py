@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from app.domain.definition import DefinitionSpec
-from app.domain.planner import SagaState, StepState, needs_compensation, pivot_passed
-from app.domain.states import SagaStatus, StepStatus
+from app.core.commit import SagaState, Waiting
+from app.core.decide import needs_compensation, pivot_passed
+from app.core.definition import DefinitionSpec
+from app.core.states import SagaStatus, WaitReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +116,7 @@ def chart_bars(
 def why_waiting(
     status: SagaStatus,
     due_at: datetime | None,
-    waiting_on: str | None,
+    waiting: Waiting | None,
     lease_owner: str | None,
     lease_expires_at: datetime | None,
     now: datetime,
@@ -126,13 +127,13 @@ def why_waiting(
         return None
     if lease_owner and lease_expires_at and lease_expires_at > now:
         return f"in progress: lease held by worker {lease_owner} until {lease_expires_at:%H:%M:%S}"
-    if waiting_on:
-        reason, _, service = waiting_on.partition(":")
+    if waiting is not None:
+        service = waiting.service
         text = {
-            "circuit_open": f"circuit of service '{service}' is open",
-            "half_open_probe_in_flight": f"waiting for the half-open probe to '{service}'",
-            "bulkhead_full": f"bulkhead of service '{service}' is full",
-        }.get(reason, waiting_on)
+            WaitReason.CIRCUIT_OPEN: f"circuit of service '{service}' is open",
+            WaitReason.HALF_OPEN_BUSY: f"waiting for the half-open probe to '{service}'",
+            WaitReason.BULKHEAD_FULL: f"bulkhead of service '{service}' is full",
+        }[waiting.reason]
         return f"{text}; next look at {due_at:%H:%M:%S}" if due_at else text
     if due_at and due_at > now:
         error = (
@@ -144,17 +145,13 @@ def why_waiting(
     return None
 
 
-def compensations_if_failed(
-    spec: DefinitionSpec, status: SagaStatus, steps: list[tuple[str, StepStatus]]
-) -> list[str]:
-    """The compensations that would run, in order, if the saga failed now."""
-    state = SagaState(
-        status, [StepState(name, st, maybe_applied=st is StepStatus.RUNNING) for name, st in steps]
-    )
-    if status is not SagaStatus.RUNNING or pivot_passed(spec, state):
+def compensations_if_failed(spec: DefinitionSpec, state: SagaState) -> list[str]:
+    """The compensations that would run, in order, if the saga failed now: the engine's
+    own rule, on the steps as they are stored (an unknown outcome is compensated too)."""
+    if state.status is not SagaStatus.RUNNING or pivot_passed(spec, state):
         return []
     return [
         spec.steps[i].name
-        for i in range(len(steps) - 1, -1, -1)
+        for i in range(len(state.steps) - 1, -1, -1)
         if needs_compensation(spec.steps[i], state.steps[i])
     ]

@@ -10,42 +10,18 @@ import asyncio
 import json
 import time
 import zlib
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import httpcore
 import httpx
 
-from app.domain.definition import check_json
-from app.domain.hosts import HostPolicy
+from app.core.definition import check_json
+from app.core.hosts import HostPolicy
+from app.core.outcome import CallFailure, CallResult, parse_retry_after
+from app.core.requests import HttpRequest
 from app.participants.network import GuardedBackend, Resolver, blocked_reason, system_resolver
-from app.resilience.outcome import CallFailure, CallResult, parse_retry_after
 
 MAX_RESPONSE_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    """A fully rendered participant call."""
-
-    method: str
-    url: str
-    headers: dict[str, str]
-    body: Any
-    timeout_seconds: float
-
-    def redacted(self, secret_headers: set[str]) -> dict[str, Any]:
-        """The request as stored in a dead letter: secret header values masked."""
-        secrets = {h.lower() for h in secret_headers} | {"authorization"}
-        return {
-            "method": self.method,
-            "url": self.url,
-            "headers": {
-                k: ("[redacted]" if k.lower() in secrets else v) for k, v in self.headers.items()
-            },
-            "body": self.body,
-        }
 
 
 class ParticipantClient:
@@ -78,9 +54,7 @@ class ParticipantClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def call(
-        self, request: HttpRequest, now: datetime | None = None, send_by: float | None = None
-    ) -> CallResult:
+    async def call(self, request: HttpRequest, send_by: float | None = None) -> CallResult:
         """Make the call. `send_by` (time.monotonic()) is checked right before the request
         goes out: a process that was paused past it sends nothing (its lease may be gone).
 
@@ -153,7 +127,7 @@ class ParticipantClient:
         return CallResult(
             status_code=status,
             body=_parse_body(raw, response.headers.get("content-type", "")),
-            retry_after=parse_retry_after(response.headers.get("retry-after"), now),
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
             message=_error_message(status, raw),
         )
 

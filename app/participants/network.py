@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import httpcore
 from httpcore._backends.auto import AutoBackend
 
-from app.domain.hosts import HostPolicy, IPAddress, Verdict, literal_address
+from app.core.hosts import HostPolicy, IPAddress, Verdict, literal_address
 
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 RESOLVE_TIMEOUT_SECONDS = 5.0

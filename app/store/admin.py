@@ -12,7 +12,7 @@ from sqlalchemy import select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.domain.states import DeadLetterStatus, Direction, SagaStatus, StepStatus
+from app.core.states import DeadLetterStatus, Direction, SagaStatus, StepStatus
 from app.store.registry import audit
 from app.store.sagas import SAGA_WORK_CHANNEL
 from app.store.tables import AdminAudit, DeadLetter, SagaEvent
@@ -236,8 +236,10 @@ class AdminStore:
             await conn.execute(
                 text(
                     """
-                    UPDATE sagas SET due_at = now(), waiting_on = NULL
-                     WHERE waiting_on LIKE '%:' || :s AND due_at > now() AND lease_owner IS NULL
+                    UPDATE sagas SET due_at = now(), waiting_reason = NULL, waiting_service = NULL
+                     WHERE waiting_service = :s
+                       AND waiting_reason IN ('circuit_open', 'half_open_probe_in_flight')
+                       AND due_at > now() AND lease_owner IS NULL
                     """
                 ),
                 {"s": service},

@@ -10,11 +10,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.domain.audit import service_changes
-from app.domain.definition import STORED, DefinitionSpec, ServiceSpec
-from app.domain.states import CircuitState
+from app.core.audit import service_changes
+from app.core.definition import STORED, DefinitionSpec, ServiceSpec
+from app.core.states import CircuitState, SlotKind
 from app.logs import known_secrets
-from app.store.tables import AdminAudit, CircuitBreaker, Definition, Saga, Service
+from app.store.tables import AdminAudit, CircuitBreaker, Definition, Service, ServiceSlot
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +86,15 @@ def _definition_record(row: Any) -> DefinitionRecord:
     )
 
 
-# Calls in flight to a service: sagas whose current call targets it under a live lease.
+# Calls in flight to a service: its bulkhead slots held under a live lease.
 _IN_FLIGHT = (
     select(func.count())
-    .select_from(Saga)
-    .where(Saga.inflight_service == Service.name, Saga.lease_expires_at > func.now())
+    .select_from(ServiceSlot)
+    .where(
+        ServiceSlot.service == Service.name,
+        ServiceSlot.kind == SlotKind.CALL,
+        ServiceSlot.held_until > func.now(),
+    )
     .correlate(Service)
     .scalar_subquery()
     .label("in_flight")
@@ -111,6 +115,36 @@ async def audit(
     """One audit row, in the caller's transaction: the action and its record commit together."""
     await conn.execute(
         insert(AdminAudit).values(actor=actor, action=action, target=target, details=details)
+    )
+
+
+_SYNC_SLOTS = text(
+    """
+    WITH wanted AS (
+      SELECT 'call' AS kind, n FROM generate_series(1, :calls) AS n
+      UNION ALL SELECT 'probe', n FROM generate_series(1, :probes) AS n
+    ), added AS (
+      INSERT INTO service_slots (service, kind, slot)
+      SELECT :service, kind, n FROM wanted
+      ON CONFLICT DO NOTHING
+    )
+    DELETE FROM service_slots
+     WHERE service = :service
+       AND ((kind = 'call' AND slot > :calls) OR (kind = 'probe' AND slot > :probes))
+    """
+)
+
+
+async def sync_slots(conn: AsyncConnection, name: str, spec: ServiceSpec) -> None:
+    """One bulkhead slot per `max_concurrency`, one probe slot per `half_open_max_calls`.
+    A slot removed while held ends with its call: the bulkhead shrinks as calls finish."""
+    await conn.execute(
+        _SYNC_SLOTS,
+        {
+            "service": name,
+            "calls": spec.max_concurrency,
+            "probes": spec.circuit_breaker.half_open_max_calls,
+        },
     )
 
 
@@ -151,6 +185,7 @@ class Registry:
             ).first()
             created = bool((await conn.execute(stmt)).scalar_one())
             await conn.execute(insert(CircuitBreaker).values(service=name).on_conflict_do_nothing())
+            await sync_slots(conn, name, spec)
             old = service_spec(previous) if previous is not None else None
             await audit(conn, actor, "service.register", name, service_changes(old, spec))
         record = await self.get_service(name)

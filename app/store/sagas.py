@@ -13,7 +13,7 @@ from sqlalchemy import select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.domain.states import SagaStatus, StepStatus
+from app.core.states import SagaStatus, StepStatus
 from app.store.registry import DefinitionRecord
 from app.store.tables import IdempotencyKey, Saga, SagaEvent, SagaStep
 
@@ -32,6 +32,8 @@ class StepView:
     last_error: dict[str, Any] | None
     started_at: datetime | None
     finished_at: datetime | None
+    maybe_applied: bool = False
+    in_flight: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,8 @@ def _step_view(row: Any) -> StepView:
         last_error=row.last_error,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        maybe_applied=row.maybe_applied,
+        in_flight=row.in_flight,
     )
 
 
@@ -384,7 +388,8 @@ class SagaStore:
             row = (
                 await conn.execute(
                     text(
-                        "SELECT due_at, waiting_on, lease_owner, lease_expires_at, now() AS db_now "
+                        "SELECT due_at, waiting_reason, waiting_service, lease_owner, "
+                        "lease_expires_at, now() AS db_now "
                         "FROM sagas WHERE id = :id"
                     ),
                     {"id": saga_id},

@@ -36,9 +36,8 @@ class StatsStore:
             in_flight = (
                 await conn.execute(
                     text(
-                        "SELECT inflight_service, count(*) AS n FROM sagas "
-                        "WHERE inflight_service IS NOT NULL AND lease_expires_at > now() "
-                        "GROUP BY inflight_service"
+                        "SELECT service, count(*) AS n FROM service_slots "
+                        "WHERE kind = 'call' AND held_until > now() GROUP BY service"
                     )
                 )
             ).all()
@@ -56,7 +55,7 @@ class StatsStore:
         return SharedFigures(
             sagas_by_status={(r.definition_name, r.status): int(r.n) for r in active},
             circuits={r.service: r.state for r in circuits},
-            in_flight={r.inflight_service: int(r.n) for r in in_flight},
+            in_flight={r.service: int(r.n) for r in in_flight},
             dead_letters_open=int(dead),
             executor_lag_seconds=max(0.0, float(lag)),
         )

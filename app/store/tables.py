@@ -31,13 +31,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from app.domain.states import (
+from app.core.states import (
     AttemptOutcome,
     CircuitState,
     DeadLetterStatus,
     Direction,
+    ErrorKind,
+    EventType,
     SagaStatus,
+    SlotKind,
     StepStatus,
+    WaitReason,
 )
 
 NAMING = {
@@ -93,11 +97,9 @@ class Service(Base):
 
 
 class CircuitBreaker(Base):
-    """Shared breaker state of one service, seen by every executor process.
-
-    In-flight calls are not counted here but in `sagas.inflight_service` under a live
-    lease, so that a crashed process cannot leak a slot.
-    """
+    """Shared breaker state of one service, seen by every executor process. It is written
+    only when its state changes, with compare-and-set; calls in flight are counted by the
+    slots they hold (`service_slots`), not here."""
 
     __tablename__ = "circuit_breakers"
 
@@ -110,6 +112,29 @@ class CircuitBreaker(Base):
     consecutive_failures: Mapped[int] = mapped_column(Integer, server_default="0")
     opened_at: Mapped[datetime | None] = tstz(nullable=True)
     updated_at: Mapped[datetime] = tstz(default_now=True)
+
+
+class ServiceSlot(Base):
+    """A bulkhead slot (`call`, `max_concurrency` of them) or a half-open probe slot
+    (`probe`, `half_open_max_calls`) of a service. A call holds one while it is in flight,
+    until `held_until`, which follows the holding saga's lease: a crashed process's slots
+    free themselves. Acquired with SKIP LOCKED, so calls to one service never queue on a
+    row lock, and never more than the number of rows are held at once."""
+
+    __tablename__ = "service_slots"
+    __table_args__ = (
+        Index("ix_service_slots_free", "service", "kind", "held_until"),
+        Index("ix_service_slots_saga", "saga_id", postgresql_where=text("saga_id IS NOT NULL")),
+    )
+
+    service: Mapped[str] = mapped_column(
+        Text, ForeignKey("services.name", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[SlotKind] = mapped_column(status_enum(SlotKind, "slot_kind"), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    saga_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    epoch: Mapped[int | None] = mapped_column(BigInteger)
+    held_until: Mapped[datetime | None] = tstz(nullable=True)
 
 
 class Definition(Base):
@@ -135,11 +160,6 @@ class Saga(Base):
         Index("ix_sagas_status_created", "status", text("created_at DESC")),
         Index("ix_sagas_definition_created", "definition_name", text("created_at DESC")),
         Index("ix_sagas_idempotency_key", "idempotency_key"),
-        Index(
-            "ix_sagas_inflight_service",
-            "inflight_service",
-            postgresql_where=text("inflight_service IS NOT NULL"),
-        ),
         # /metrics counts the sagas in flight by definition and status from this index
         # alone, however many finished sagas the table holds.
         Index(
@@ -169,11 +189,12 @@ class Saga(Base):
     lease_owner: Mapped[str | None] = mapped_column(Text)
     lease_epoch: Mapped[int] = mapped_column(BigInteger, server_default="0")
     lease_expires_at: Mapped[datetime | None] = tstz(nullable=True)
-    # The service this saga's current call is in flight to (bulkhead and probe counting).
-    inflight_service: Mapped[str | None] = mapped_column(Text)
-    inflight_probe: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
-    # Why a due saga is not being called (circuit open, bulkhead full), for operators.
-    waiting_on: Mapped[str | None] = mapped_column(Text)
+    # Why a due saga is not being called (circuit open, bulkhead full), and on which
+    # service, for operators and for the deadline's error kind.
+    waiting_reason: Mapped[WaitReason | None] = mapped_column(
+        status_enum(WaitReason, "wait_reason")
+    )
+    waiting_service: Mapped[str | None] = mapped_column(Text)
     # The pivot's call is in flight or has succeeded: a cancel can no longer unwind the
     # saga. Written with the pivot's own commits, read by the cancel in one statement.
     pivot_locked: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
@@ -193,8 +214,12 @@ class SagaStep(Base):
     status: Mapped[StepStatus] = mapped_column(status_enum(StepStatus, "step_status"))
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     compensation_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
-    # True once any attempt may have applied the action (timeout, lost connection, 5xx).
+    # True once a settled attempt may have applied the action (timeout, lost connection,
+    # 5xx, success).
     maybe_applied: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # An attempt started (recorded before the call) whose outcome is not recorded yet; a
+    # crash leaves it set, and the next owner judges that attempt cut off.
+    in_flight: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     status_code: Mapped[int | None] = mapped_column(Integer)
     response: Mapped[Any | None] = mapped_column(JSONB)
     last_error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
@@ -213,7 +238,7 @@ class SagaEvent(Base):
         UUID(as_uuid=True), ForeignKey("sagas.id", ondelete="CASCADE")
     )
     at: Mapped[datetime] = tstz(default_now=True)
-    type: Mapped[str] = mapped_column(Text)
+    type: Mapped[EventType] = mapped_column(status_enum(EventType, "event_type"))
     step: Mapped[str | None] = mapped_column(Text)
     direction: Mapped[Direction | None] = mapped_column(status_enum(Direction, "direction"))
     attempt: Mapped[int | None] = mapped_column(Integer)
@@ -221,7 +246,7 @@ class SagaEvent(Base):
         status_enum(AttemptOutcome, "attempt_outcome")
     )
     status_code: Mapped[int | None] = mapped_column(Integer)
-    error_kind: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[ErrorKind | None] = mapped_column(status_enum(ErrorKind, "error_kind"))
     message: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[float | None] = mapped_column(Double)
     worker: Mapped[str | None] = mapped_column(Text)

@@ -52,7 +52,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app.domain.states import SAGA_TRANSITIONS, STEP_TRANSITIONS, SagaStatus, StepStatus
+from app.core.states import SAGA_TRANSITIONS, STEP_TRANSITIONS, SagaStatus, StepStatus
 from tests.fuzz.conftest import Record, full_mode
 from tests.support import pg
 from tests.support.crash import ADMIN_TOKEN, Launcher, Proc, TrackingParticipant

@@ -8,7 +8,7 @@ import time
 import httpx
 
 from app.api.auth import Tokens
-from app.resilience.breaker import WaitReason
+from app.core.breaker import WaitReason
 from tests.conftest import ADMIN_TOKEN
 from tests.support.isolation_helpers import (
     ADMIN,

@@ -6,7 +6,8 @@ import httpx
 import psycopg
 
 from app.store.db import make_engine
-from app.store.executor import ExecutorStore
+from app.engine.ports import Lease
+from app.store.repository import PgSagaRepository
 
 SEED = """
 INSERT INTO definitions (name, version, content_hash, spec)
@@ -42,16 +43,17 @@ async def test_claim_takes_each_due_saga_once_and_fences_the_rest(db_url: str) -
         conn.execute(SEED)
     engine = make_engine(db_url)
     try:
-        first, second = ExecutorStore(engine, "w1", 30), ExecutorStore(engine, "w2", 30)
+        first, second = PgSagaRepository(engine, "w1", 30), PgSagaRepository(engine, "w2", 30)
         got_first = await first.claim(15)
         got_second = await second.claim(15)
         assert len(got_first) == 15 and len(got_second) == 5
-        assert not {s for s, _ in got_first} & {s for s, _ in got_second}
+        ids_first = {c.lease.saga_id for c in got_first}
+        assert not ids_first & {c.lease.saga_id for c in got_second}
         assert await second.claim(10) == []  # leased sagas are not due
-        saga_id, epoch = got_first[0]
-        assert await first.renew(saga_id, epoch)
-        assert not await second.renew(saga_id, epoch)  # not its lease
-        assert not await first.renew(saga_id, epoch + 1)  # a stale epoch is fenced out
+        lease = got_first[0].lease
+        assert await first.renew(lease)
+        assert not await second.renew(lease)  # not its lease
+        assert not await first.renew(Lease(lease.saga_id, lease.epoch + 1))  # a stale epoch
     finally:
         await engine.dispose()
 
@@ -92,7 +94,7 @@ async def test_expired_idempotency_keys_are_pruned_and_can_be_reused(
         )
     engine = make_engine(db_url)
     try:
-        assert await ExecutorStore(engine, "w", 30).prune_idempotency_keys() == 1
+        assert await PgSagaRepository(engine, "w", 30).prune_idempotency_keys() == 1
     finally:
         await engine.dispose()
     with psycopg.connect(db_url) as conn:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.domain.hosts import IPAddress
+from app.core.hosts import IPAddress
 from app.main import create_app
 from app.participants.client import ParticipantClient
 from tests.conftest import make_settings

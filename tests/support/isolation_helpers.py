@@ -15,10 +15,10 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.engine.executor import Executor
-from app.resilience.breaker import WaitReason
+from app.core.states import WaitReason
+from app.engine.ports import Lease
+from app.main import build_executor, run_executor_until
 from app.store.db import make_engine
-from app.store.executor import Denied
 from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.support.servers import Participant, serve
 
@@ -253,18 +253,17 @@ class ExtraExecutor:
     async def start(self) -> None:
         assert self._task is None
         self._engine = make_engine(self.db_url)
-        ex = Executor(self._engine, make_settings(), self.db_url, worker_id=self.worker_id)
-        original = ex.store.start_attempt
 
-        async def recording(work: Any, *args: Any, **kwargs: Any) -> Any:
-            result = await original(work, *args, **kwargs)
-            if isinstance(result, Denied):
-                self.denials.append((str(work.id), result.reason))
-            return result
+        def record(lease: Lease, reason: WaitReason) -> None:
+            self.denials.append((str(lease.saga_id), reason))
 
-        ex.store.start_attempt = recording  # type: ignore[method-assign]
+        ex = build_executor(
+            make_settings(), self._engine, worker_id=self.worker_id, on_denied=record
+        )
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(ex.run(self._stop), name=f"executor-{self.worker_id}")
+        self._task = asyncio.create_task(
+            run_executor_until(ex, self.db_url, self._stop), name=f"executor-{self.worker_id}"
+        )
 
     async def stop(self) -> None:
         if self._task is None:

@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 
+from app.core.commit import SagaState, StepState, Waiting
+from app.core.definition import DefinitionSpec
+from app.core.states import SagaStatus, StepStatus, WaitReason
 from app.dashboard import auth
 from app.dashboard.views import (
     Bar,
@@ -18,8 +21,6 @@ from app.dashboard.views import (
     timeline,
     why_waiting,
 )
-from app.domain.definition import DefinitionSpec
-from app.domain.states import SagaStatus, StepStatus
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 S = SagaStatus
@@ -239,7 +240,11 @@ def waiting(
     lease_expires_at: datetime | None = None,
     last_error: dict[str, Any] | None = None,
 ) -> str | None:
-    return why_waiting(status, due_at, waiting_on, lease_owner, lease_expires_at, T0, last_error)
+    on = None
+    if waiting_on:
+        reason, _, service = waiting_on.partition(":")
+        on = Waiting(WaitReason(reason), service)
+    return why_waiting(status, due_at, on, lease_owner, lease_expires_at, T0, last_error)
 
 
 @pytest.mark.parametrize("status", [S.COMPLETED, S.COMPENSATED, S.FAILED])
@@ -273,10 +278,6 @@ def test_why_waiting_bulkhead_full() -> None:
         "bulkhead of service 'orders' is full; next look at 12:00:01"
     )
     assert waiting(waiting_on="bulkhead_full:orders") == "bulkhead of service 'orders' is full"
-
-
-def test_why_waiting_unknown_reason_is_shown_as_is() -> None:
-    assert waiting(waiting_on="something_new:x") == "something_new:x"
 
 
 def test_why_waiting_retry_due() -> None:
@@ -313,37 +314,70 @@ def spec(*steps: dict[str, Any]) -> DefinitionSpec:
     return DefinitionSpec.model_validate({"name": "flow", "steps": list(steps)})
 
 
+def state(status: SagaStatus, *steps: tuple[str, StepStatus] | StepState) -> SagaState:
+    return SagaState(
+        status,
+        tuple(s if isinstance(s, StepState) else StepState(s[0], s[1]) for s in steps),
+    )
+
+
 def test_compensations_if_failed_in_reverse_order_skipping_steps_without_one() -> None:
     sp = spec(step("a"), step("b", comp=False), step("c"), step("d"), step("e"))
-    steps = [("a", St.SUCCEEDED), ("b", St.SUCCEEDED), ("c", St.SUCCEEDED)]
-    steps += [("d", St.RUNNING), ("e", St.PENDING)]
-    # d is running: its action may have been applied, so it is compensated; e never ran.
-    assert compensations_if_failed(sp, S.RUNNING, steps) == ["d", "c", "a"]
+    saga = state(
+        S.RUNNING,
+        ("a", St.SUCCEEDED),
+        ("b", St.SUCCEEDED),
+        ("c", St.SUCCEEDED),
+        StepState("d", St.RUNNING, attempts=1, in_flight=True),
+        ("e", St.PENDING),
+    )
+    # d's call is in flight: its action may have been applied, so it is compensated.
+    assert compensations_if_failed(sp, saga) == ["d", "c", "a"]
+
+
+def test_compensations_if_failed_follows_what_the_engine_knows() -> None:
+    """The engine's own rule on the stored state: a step that failed after a timeout (its
+    outcome unknown) is compensated; one that failed with a 400 or is waiting for a retry
+    after a refused connection is not."""
+    sp = spec(step("a"), step("b"), step("c"), step("d"))
+    saga = state(
+        S.RUNNING,
+        ("a", St.SUCCEEDED),
+        StepState("b", St.FAILED, attempts=3, maybe_applied=True),
+        StepState("c", St.FAILED, attempts=1),
+        StepState("d", St.RUNNING, attempts=1),
+    )
+    assert compensations_if_failed(sp, saga) == ["b", "a"]
 
 
 def test_compensations_if_failed_skips_steps_that_did_not_apply() -> None:
     sp = spec(step("a"), step("b", critical=False), step("c"), step("d"))
-    steps = [("a", St.SUCCEEDED), ("b", St.FAILED), ("c", St.FALLBACK), ("d", St.PENDING)]
-    assert compensations_if_failed(sp, S.RUNNING, steps) == ["a"]
+    saga = state(
+        S.RUNNING, ("a", St.SUCCEEDED), ("b", St.FAILED), ("c", St.FALLBACK), ("d", St.PENDING)
+    )
+    assert compensations_if_failed(sp, saga) == ["a"]
 
 
 def test_compensations_if_failed_nothing_before_the_first_step_succeeds() -> None:
     sp = spec(step("a"), step("b"))
-    assert compensations_if_failed(sp, S.RUNNING, [("a", St.PENDING), ("b", St.PENDING)]) == []
+    assert compensations_if_failed(sp, state(S.RUNNING, ("a", St.PENDING), ("b", St.PENDING))) == []
 
 
 def test_compensations_if_failed_empty_after_the_pivot_succeeded() -> None:
     sp = spec(step("a"), step("b", pivot=True), step("c"))
-    before = [("a", St.SUCCEEDED), ("b", St.RUNNING), ("c", St.PENDING)]
-    assert compensations_if_failed(sp, S.RUNNING, before) == ["b", "a"]
-    after = [("a", St.SUCCEEDED), ("b", St.SUCCEEDED), ("c", St.RUNNING)]
-    assert compensations_if_failed(sp, S.RUNNING, after) == []
+    in_flight = StepState("b", St.RUNNING, attempts=1, in_flight=True)
+    before = state(S.RUNNING, ("a", St.SUCCEEDED), in_flight, ("c", St.PENDING))
+    assert compensations_if_failed(sp, before) == ["b", "a"]
+    after = state(S.RUNNING, ("a", St.SUCCEEDED), ("b", St.SUCCEEDED), ("c", St.RUNNING))
+    assert compensations_if_failed(sp, after) == []
 
 
 @pytest.mark.parametrize("status", [S.COMPENSATING, S.COMPLETED, S.COMPENSATED, S.FAILED])
 def test_compensations_if_failed_only_for_a_running_saga(status: SagaStatus) -> None:
     sp = spec(step("a"), step("b"))
-    assert compensations_if_failed(sp, status, [("a", St.SUCCEEDED), ("b", St.SUCCEEDED)]) == []
+    assert (
+        compensations_if_failed(sp, state(status, ("a", St.SUCCEEDED), ("b", St.SUCCEEDED))) == []
+    )
 
 
 # --- sessions, CSRF and login limits -----------------------------------------------------

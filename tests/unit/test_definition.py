@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.domain.definition import (
+from app.core.definition import (
     DEFAULT_RETRY_ON_STATUS,
     RESERVED_HEADERS,
     CallSpec,
@@ -23,7 +23,7 @@ from app.domain.definition import (
     check_json,
     is_name,
 )
-from app.domain.hosts import HostPolicy
+from app.core.hosts import HostPolicy
 
 SERVICES = {"payments", "orders", "notifications"}
 

@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from app.domain.hosts import HostPolicy, Verdict, literal_address, url_host_port
+from app.core.hosts import HostPolicy, Verdict, literal_address, url_host_port
 
 
 def judge(url: str, patterns: str) -> Verdict:

@@ -7,9 +7,9 @@ from email.utils import format_datetime
 
 import pytest
 
-from app.domain.definition import DEFAULT_RETRY_ON_STATUS
-from app.domain.states import ErrorKind
-from app.resilience.outcome import CallFailure, CallResult, Outcome, classify, parse_retry_after
+from app.core.definition import DEFAULT_RETRY_ON_STATUS
+from app.core.outcome import CallFailure, CallResult, Outcome, classify, parse_retry_after
+from app.core.states import ErrorKind
 
 DEFAULT = list(DEFAULT_RETRY_ON_STATUS)
 HTTP = ErrorKind.HTTP_STATUS

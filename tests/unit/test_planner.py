@@ -7,22 +7,20 @@ from typing import Any
 
 import pytest
 
-from app.domain.definition import DefinitionSpec
-from app.domain.planner import (
+from app.core.commit import SagaError, SagaState, StepState, Waiting
+from app.core.decide import (
     BeginCompensation,
     Call,
     Finish,
-    SagaError,
-    SagaState,
-    StepState,
     Transition,
     after_attempt,
     needs_compensation,
     pivot_passed,
-    plan,
 )
-from app.domain.states import Direction, ErrorKind, SagaStatus, StepStatus
-from app.resilience.outcome import Outcome
+from app.core.decide import next_action as plan
+from app.core.definition import DefinitionSpec
+from app.core.outcome import Outcome
+from app.core.states import Direction, ErrorKind, SagaStatus, StepStatus, WaitReason
 
 S = SagaStatus
 T = StepStatus
@@ -178,9 +176,9 @@ def test_compensation_runs_in_reverse_order() -> None:
     # s2 failed for good without having happened: only s1 and s0 are undone.
     state = saga(S.COMPENSATING, T.SUCCEEDED, T.SUCCEEDED, T.FAILED)
     assert plan(THREE, state, NOW) == Call(1, COMP)
-    state.steps[1].status = T.COMPENSATED
+    state = saga(S.COMPENSATING, T.SUCCEEDED, T.COMPENSATED, T.FAILED)
     assert plan(THREE, state, NOW) == Call(0, COMP)
-    state.steps[0].status = T.COMPENSATED
+    state = saga(S.COMPENSATING, T.COMPENSATED, T.COMPENSATED, T.FAILED)
     assert plan(THREE, state, NOW) == Finish(S.COMPENSATED)
 
 
@@ -193,7 +191,7 @@ def test_steps_without_compensation_are_skipped() -> None:
     definition = spec(step("s0"), step("s1", comp=False), step("s2", comp=False))
     state = saga(S.COMPENSATING, T.SUCCEEDED, T.SUCCEEDED, applied(2, T.FAILED))
     assert plan(definition, state, NOW) == Call(0, COMP)
-    state.steps[0].status = T.COMPENSATED
+    state = saga(S.COMPENSATING, T.COMPENSATED, T.SUCCEEDED, applied(2, T.FAILED))
     assert plan(definition, state, NOW) == Finish(S.COMPENSATED)
 
 
@@ -279,7 +277,12 @@ def test_completed_saga_runs_an_operator_retried_step(retried: StepStatus) -> No
 
 def test_deadline_while_waiting_on_an_open_circuit_is_circuit_open() -> None:
     state = saga(
-        S.RUNNING, T.SUCCEEDED, T.RUNNING, T.PENDING, deadline_at=NOW, waiting_on="circuit_open:pay"
+        S.RUNNING,
+        T.SUCCEEDED,
+        T.RUNNING,
+        T.PENDING,
+        deadline_at=NOW,
+        waiting=Waiting(WaitReason.CIRCUIT_OPEN, "pay"),
     )
     assert plan(THREE, state, NOW) == BeginCompensation(
         SagaError("s1", ErrorKind.CIRCUIT_OPEN, "deadline passed while waiting: circuit_open:pay")
@@ -288,7 +291,12 @@ def test_deadline_while_waiting_on_an_open_circuit_is_circuit_open() -> None:
 
 def test_deadline_while_waiting_on_a_bulkhead_is_a_plain_deadline() -> None:
     state = saga(
-        S.RUNNING, T.SUCCEEDED, T.RUNNING, T.PENDING, deadline_at=NOW, waiting_on="bulkhead:pay"
+        S.RUNNING,
+        T.SUCCEEDED,
+        T.RUNNING,
+        T.PENDING,
+        deadline_at=NOW,
+        waiting=Waiting(WaitReason.BULKHEAD_FULL, "pay"),
     )
     assert plan(THREE, state, NOW) == BeginCompensation(
         SagaError("s1", ErrorKind.DEADLINE, "the saga's timeout_seconds passed")
@@ -302,7 +310,7 @@ def test_waiting_without_deadline_passed_goes_on() -> None:
         T.RUNNING,
         T.PENDING,
         deadline_at=NOW + timedelta(seconds=5),
-        waiting_on="circuit_open:pay",
+        waiting=Waiting(WaitReason.CIRCUIT_OPEN, "pay"),
     )
     assert plan(THREE, state, NOW) == Call(1, ACTION)
 

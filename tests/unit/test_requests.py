@@ -9,11 +9,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.domain.definition import CallSpec, ServiceSpec
-from app.domain.states import Direction
-from app.domain.templates import RenderContext, TemplateError
-from app.engine.requests import build_request, idempotency_key
-from app.participants.client import HttpRequest
+from app.core.definition import CallSpec, ServiceSpec
+from app.core.requests import HttpRequest, build_request, idempotency_key
+from app.core.states import Direction
+from app.core.templates import RenderContext, TemplateError
 
 SAGA_ID = uuid.UUID("0b9f6a4e-2f5c-4d8e-9a31-7c2d1e0f4b56")
 DEADLINE = datetime(2025, 3, 1, 12, 30, 0, tzinfo=UTC)

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.domain.definition import RetryPolicy
-from app.resilience.retry import RetryDecision, backoff_delay, decide_retry
+from app.core.definition import RetryPolicy
+from app.core.retry import RetryDecision, backoff_delay, decide_retry
 
 
 @pytest.fixture(autouse=True)

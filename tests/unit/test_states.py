@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from app.domain.states import (
+from app.core.states import (
     SAGA_TRANSITIONS,
     STEP_TRANSITIONS,
     TERMINAL_SAGA,
@@ -73,10 +73,10 @@ def test_step_status_values_match_contract() -> None:
 
 
 def test_error_kind_values_match_contract() -> None:
-    # Contract v1.1 adds blocked and response_too_large (callback_failed comes with
-    # callback steps).
+    # Contract v1.1 adds blocked, callback_failed and response_too_large.
     assert {k.value for k in ErrorKind} == {
         "blocked",
+        "callback_failed",
         "response_too_large",
         "http_status",
         "timeout",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from app.domain.templates import Ref, RenderContext, TemplateError, iter_refs, parse_ref, render
+from app.core.templates import Ref, RenderContext, TemplateError, iter_refs, parse_ref, render
 
 INPUT: dict[str, Any] = {
     "amount": 42,

@@ -1,9 +1,12 @@
 """Circuit breaker and bulkhead rules, as pure functions over a snapshot of shared state.
 
-The state lives in PostgreSQL so every executor process sees one breaker per service;
-the store locks the row, asks `admit` or `after_call`, and writes back what they say.
-In-flight calls are counted from live leases, so a crashed process's calls stop
-counting when its leases expire: no counter can leak.
+The state lives in PostgreSQL so every executor process sees one breaker per service.
+The engine asks `gate` whether a call may go on the breaker it last saw; the store then
+starts the attempt only if that still holds (the breaker unchanged, a bulkhead slot free),
+and reports what it found otherwise. After a call, `after_call` gives the breaker's next
+state, which the store writes with compare-and-set. Bulkhead slots and half-open probe
+slots are rows held under the saga's lease, so a crashed process's slots free themselves
+when its leases expire: no counter can leak.
 """
 
 from __future__ import annotations
@@ -12,19 +15,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from app.domain.definition import CircuitBreakerConfig
-from app.domain.states import CircuitState, ErrorKind
-from app.resilience.outcome import Outcome
+from app.core.definition import CircuitBreakerConfig
+from app.core.outcome import Outcome
+from app.core.states import CircuitState, ErrorKind, WaitReason
 
 # How soon a saga turned away by a full bulkhead or a busy half-open probe looks again.
 BULKHEAD_RECHECK_SECONDS = 0.25
 HALF_OPEN_RECHECK_SECONDS = 1.0
-
-
-class WaitReason(StrEnum):
-    CIRCUIT_OPEN = "circuit_open"
-    HALF_OPEN_BUSY = "half_open_probe_in_flight"
-    BULKHEAD_FULL = "bulkhead_full"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +29,39 @@ class Breaker:
     state: CircuitState
     consecutive_failures: int
     opened_at: datetime | None
+
+
+class Passage(StrEnum):
+    CALL = "call"  # closed: the call may go, if a bulkhead slot is free
+    PROBE = "probe"  # half-open: the call may go as a probe, if a probe slot is free too
+    WAIT = "wait"  # open: no call until `retry_at`
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    passage: Passage
+    breaker: Breaker  # the breaker after this decision: an open one past its recovery
+    # timeout becomes half-open
+    retry_at: datetime | None = None
+
+
+def gate(config: CircuitBreakerConfig, breaker: Breaker, now: datetime) -> Gate:
+    """How a call to the service may go, judged on its breaker alone."""
+    if breaker.state is CircuitState.OPEN:
+        reopen_at = (breaker.opened_at or now) + timedelta(seconds=config.recovery_timeout_seconds)
+        if now < reopen_at:
+            return Gate(Passage.WAIT, breaker, retry_at=reopen_at)
+        return Gate(Passage.PROBE, replace(breaker, state=CircuitState.HALF_OPEN))
+    if breaker.state is CircuitState.HALF_OPEN:
+        return Gate(Passage.PROBE, breaker)
+    return Gate(Passage.CALL, breaker)
+
+
+def recheck_after(reason: WaitReason, config: CircuitBreakerConfig) -> float:
+    """How soon a saga turned away by a full bulkhead or a busy probe looks again."""
+    if reason is WaitReason.HALF_OPEN_BUSY:
+        return min(HALF_OPEN_RECHECK_SECONDS, config.recovery_timeout_seconds)
+    return BULKHEAD_RECHECK_SECONDS
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from tenacity import RetryCallState, wait_exponential, wait_random_exponential
 from tenacity.wait import wait_base
 
-from app.domain.definition import RetryPolicy
+from app.core.definition import RetryPolicy
 
 
 @dataclass(frozen=True, slots=True)

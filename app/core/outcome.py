@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
-from app.domain.states import ErrorKind
+from app.core.states import ErrorKind
 
 
 class CallFailure(StrEnum):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.domain.definition import ServiceSpec
+from app.core.definition import ServiceSpec
 
 
 def service_changes(old: ServiceSpec | None, new: ServiceSpec) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from app.domain.hosts import HostPolicy, url_host_port
-from app.domain.templates import TemplateError, iter_refs, strip_refs
+from app.core.hosts import HostPolicy, url_host_port
+from app.core.templates import TemplateError, iter_refs, strip_refs
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 _NAME = re.compile(NAME_PATTERN)

@@ -5,19 +5,42 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from app.domain.definition import (
+from app.core.definition import (
     DEFAULT_STEP_TIMEOUT,
     CallSpec,
     ServiceSpec,
     check_http_url,
     header_value_problem,
 )
-from app.domain.states import Direction
-from app.domain.templates import RenderContext, TemplateError, as_text, render, render_url
-from app.participants.client import HttpRequest
+from app.core.states import Direction
+from app.core.templates import RenderContext, TemplateError, as_text, render, render_url
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """A fully rendered participant call."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: Any
+    timeout_seconds: float
+
+    def redacted(self, secret_headers: set[str]) -> dict[str, Any]:
+        """The request as stored in a dead letter: secret header values masked."""
+        secrets = {h.lower() for h in secret_headers} | {"authorization"}
+        return {
+            "method": self.method,
+            "url": self.url,
+            "headers": {
+                k: ("[redacted]" if k.lower() in secrets else v) for k, v in self.headers.items()
+            },
+            "body": self.body,
+        }
 
 
 def idempotency_key(saga_id: uuid.UUID, step: str, direction: Direction) -> str:

@@ -1,7 +1,9 @@
-"""Saga and step statuses, error kinds, and the legal transitions between statuses.
+"""Saga and step statuses, error kinds, event types, wait reasons, and the legal
+transitions between statuses.
 
-The database mirrors each enum with a CHECK constraint; the store guards every
-status change in the statement itself, and these tables say which changes exist.
+The database mirrors each enum with a CHECK constraint. The transition tables are the
+rules the decisions follow; the unit tests hold every decision to them, and the state
+machine fuzzer holds every change observed in the database to them.
 """
 
 from __future__ import annotations
@@ -44,7 +46,45 @@ class ErrorKind(StrEnum):
     DEADLINE = "deadline"
     CANCELLED = "cancelled"
     BLOCKED = "blocked"  # the participant's address is not allowed (SSRF guard)
+    CALLBACK_FAILED = "callback_failed"  # a callback step's participant reported failure
     RESPONSE_TOO_LARGE = "response_too_large"  # a 2xx body over the response cap
+
+
+class EventType(StrEnum):
+    """The kinds of entries in a saga's history."""
+
+    SAGA_STARTED = "saga_started"
+    ATTEMPT_STARTED = "attempt_started"
+    ATTEMPT_FINISHED = "attempt_finished"
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"  # the last allowed attempt was cut off
+    FALLBACK_USED = "fallback_used"
+    COMPENSATION_STARTED = "compensation_started"
+    CANCEL_REQUESTED = "cancel_requested"
+    DEAD_LETTER_RETRIED = "dead_letter_retried"
+    EXECUTOR_ERROR = "executor_error"
+    SAGA_COMPLETED = "saga_completed"
+    SAGA_COMPENSATED = "saga_compensated"
+    SAGA_FAILED = "saga_failed"
+
+    @classmethod
+    def finished(cls, status: SagaStatus) -> EventType:
+        """The event that records a saga reaching a terminal status."""
+        return _FINISHED[status]
+
+
+class WaitReason(StrEnum):
+    """Why a due saga is not being called."""
+
+    CIRCUIT_OPEN = "circuit_open"
+    HALF_OPEN_BUSY = "half_open_probe_in_flight"
+    BULKHEAD_FULL = "bulkhead_full"
+
+
+class SlotKind(StrEnum):
+    """A service's slots: its bulkhead's, and its half-open probes'."""
+
+    CALL = "call"
+    PROBE = "probe"
 
 
 class Direction(StrEnum):
@@ -99,6 +139,13 @@ STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
     ),
     StepStatus.COMPENSATED: frozenset(),
     StepStatus.COMPENSATION_FAILED: frozenset({StepStatus.COMPENSATING}),
+}
+
+
+_FINISHED = {
+    SagaStatus.COMPLETED: EventType.SAGA_COMPLETED,
+    SagaStatus.COMPENSATED: EventType.SAGA_COMPENSATED,
+    SagaStatus.FAILED: EventType.SAGA_FAILED,
 }
 
 

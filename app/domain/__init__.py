@@ -1,1 +1,0 @@
-"""Pure domain: definitions, states, templates and the planner. No I/O here."""

@@ -1,0 +1,355 @@
+"""Driving one claimed saga: plan → (start → call →) decide → commit, until it is idle.
+
+Every decision is the core's (`app.core.decide`) and every write a `Commit` the
+repository applies. What this module adds is the I/O between them: starting the attempt
+through the service's gate, building and sending the request, and carrying each Commit
+to the repository, deciding again when a guard says the world moved (a cancel came
+first, the service or its breaker changed, the bulkhead was full).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from app.core.breaker import Breaker, Passage, after_call, gate, recheck_after
+from app.core.commit import BreakerChange, Commit, Next, SagaState, apply, started
+from app.core.decide import (
+    Attempt,
+    BeginCompensation,
+    Call,
+    Finish,
+    GiveUp,
+    begin_compensation,
+    cut_off,
+    decide,
+    finish,
+    give_up,
+    next_action,
+    wait,
+)
+from app.core.definition import DefinitionSpec
+from app.core.outcome import CallFailure, CallResult, Outcome, classify
+from app.core.requests import HttpRequest, build_request
+from app.core.states import Direction, SagaStatus, StepStatus, WaitReason
+from app.core.templates import RenderContext, TemplateError
+from app.engine.failpoints import Failpoints
+from app.engine.ports import (
+    Applied,
+    CancelFirst,
+    Claimed,
+    Lease,
+    Refusal,
+    Refused,
+    SagaRepository,
+    ServiceView,
+    StartAttempt,
+)
+from app.engine.services import ServiceCache
+from app.logs import known_secrets
+
+GUARD_ROUNDS = 4  # a guard that keeps moving is odd; past this many rounds the saga waits
+
+
+class LeaseLost(Exception):
+    """Another worker took this saga over; this one must not write."""
+
+
+@dataclass
+class SagaRun:
+    """One claimed saga, as its executor holds it between commits."""
+
+    claimed: Claimed
+    spec: DefinitionSpec
+    state: SagaState
+    db_now: datetime
+
+    @property
+    def lease(self) -> Lease:
+        return self.claimed.lease
+
+
+class Host(Protocol):
+    """What a Driver needs from its executor."""
+
+    repo: SagaRepository
+    services: ServiceCache
+    failpoints: Failpoints
+    lease_seconds: float
+
+    async def send(
+        self,
+        run: SagaRun,
+        step: str,
+        direction: Direction,
+        attempt: int,
+        request: HttpRequest,
+        send_by: float,
+    ) -> CallResult: ...
+
+    def observed(
+        self,
+        run: SagaRun,
+        step: str,
+        direction: Direction,
+        attempt: int,
+        result: CallResult,
+        outcome: Outcome,
+        commit: Commit,
+        duration_ms: float,
+        service: str | None,
+    ) -> None: ...
+
+    def finished(self, run: SagaRun, status: SagaStatus) -> None: ...
+
+    def denied(self, run: SagaRun, reason: WaitReason) -> None: ...
+
+    def wake_at(self, delay: float) -> None: ...
+
+
+class Driver:
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    async def drive(self, run: SagaRun) -> None:
+        """Work on the saga until it needs nothing from this worker now."""
+        abandoned = cut_off(run.spec, run.state)
+        if abandoned is not None:
+            await self.commit(run, abandoned)
+        while await self.advance(run):
+            pass
+
+    async def advance(self, run: SagaRun) -> bool:
+        """Do the next thing; True while there is more to do at once."""
+        action = next_action(run.spec, run.state, run.db_now)
+        if action is None:
+            # Nothing to do (a terminal saga, or one whose work an operator finished): it
+            # is not due any more, so no executor claims it again.
+            if not await self.host.repo.idle(run.lease):
+                raise LeaseLost
+            return False
+        if isinstance(action, Finish):
+            commit = finish(run.state, action)
+        elif isinstance(action, BeginCompensation):
+            commit = begin_compensation(run.state, action)
+        elif isinstance(action, GiveUp):
+            commit = give_up(run.spec, run.state, action, run.db_now)
+        else:
+            return await self.call(run, action)
+        return await self.commit(run, commit) is Next.CONTINUE
+
+    async def commit(self, run: SagaRun, commit: Commit) -> Next:
+        """Carry a Commit to the repository; a completion that yielded to a cancel comes
+        back as CONTINUE (the next plan unwinds)."""
+        return commit.saga.next if await self._apply(run, commit) else Next.CONTINUE
+
+    async def _apply(self, run: SagaRun, commit: Commit) -> bool:
+        """True when the commit landed; False when it yielded to a cancel (then the state
+        knows of the cancel and nothing was written)."""
+        was = run.state.status
+        result = await self.host.repo.commit(run.lease, commit, was)
+        if result is None:
+            raise LeaseLost
+        run.db_now = result.db_now
+        if isinstance(result, CancelFirst):
+            run.state = replace(run.state, cancel_requested=True)
+            return False
+        run.state = replace(apply(run.state, commit), cancel_requested=result.cancel_requested)
+        if commit.saga.status.terminal and commit.saga.status is not was:
+            self.host.finished(run, commit.saga.status)
+        if commit.breaker is not None:
+            await self._settle_breaker(commit.breaker, result)
+        if commit.saga.next is Next.LATER:
+            self.host.wake_at(commit.saga.delay_seconds)
+        return True
+
+    async def _settle_breaker(self, change: BreakerChange, result: Applied) -> None:
+        """A breaker change that lost a race with another process: apply this call's
+        effect again on the breaker as it is now (compare-and-set, a few rounds)."""
+        services = self.host.services
+        if not result.breaker_conflict:
+            services.breaker_moved(change.service, change.after)
+            return
+        view = await services.refresh(change.service)
+        failed = change.after.consecutive_failures > change.before.consecutive_failures
+        for _ in range(GUARD_ROUNDS):
+            if view is None:
+                return
+            after = after_call(view.spec.circuit_breaker, view.breaker, result.db_now, failed)
+            if after == view.breaker:
+                return
+            now = await self.host.repo.apply_breaker(BreakerChange(view.name, view.breaker, after))
+            if now is None:
+                services.breaker_moved(view.name, after)
+                return
+            view = replace(view, breaker=now)
+
+    # --- one attempt --------------------------------------------------------------------
+
+    async def call(self, run: SagaRun, action: Call) -> bool:
+        """Start the attempt through the service's gate, then make it."""
+        step_spec = run.spec.steps[action.index]
+        forward = action.direction is Direction.ACTION
+        call_spec = step_spec.action if forward else step_spec.compensation
+        assert call_spec is not None
+        name = call_spec.service
+        view = await self.host.services.get(name) if name else None
+        for _ in range(GUARD_ROUNDS):
+            start = StartAttempt(
+                action.index, action.direction, step_spec.name, pivot=forward and step_spec.pivot
+            )
+            breaker: Breaker | None = None
+            if view is not None:
+                decision = gate(view.spec.circuit_breaker, view.breaker, run.db_now)
+                if decision.passage is not Passage.CALL and not self.host.services.fresh(view):
+                    view = await self.host.services.refresh(view.name)  # never wait on a guess
+                    continue
+                if decision.passage is Passage.WAIT:
+                    assert decision.retry_at is not None
+                    return await self._wait(run, WaitReason.CIRCUIT_OPEN, view, decision.retry_at)
+                breaker = decision.breaker
+                start = replace(
+                    start,
+                    service=view.name,
+                    version=view.version,
+                    passage=decision.passage,
+                    breaker=view.breaker,
+                    breaker_after=decision.breaker,
+                )
+            outcome = await self.host.repo.start_attempt(run.lease, start)
+            if outcome is None:
+                raise LeaseLost
+            run.db_now = outcome.db_now
+            if not isinstance(outcome, Refused):
+                return await self._attempt(run, action, outcome.attempt, view, breaker)
+            if outcome.reason is Refusal.CANCELLED_FIRST:
+                run.state = replace(run.state, cancel_requested=True)  # the next plan unwinds
+                return True
+            if outcome.reason is Refusal.STALE:
+                view = self.host.services.put(name, outcome.service) if name else None
+                continue
+            assert view is not None
+            reason = (
+                WaitReason.BULKHEAD_FULL
+                if outcome.reason is Refusal.NO_SLOT
+                else WaitReason.HALF_OPEN_BUSY
+            )
+            return await self._wait_a_moment(run, reason, view)
+        assert view is not None  # the guards kept moving: look again in a moment
+        return await self._wait_a_moment(run, WaitReason.BULKHEAD_FULL, view)
+
+    async def _wait_a_moment(self, run: SagaRun, reason: WaitReason, view: ServiceView) -> bool:
+        """Turned away by a full bulkhead or a busy probe: look again shortly, jittered
+        so that the sagas turned away together do not all come back together."""
+        recheck = recheck_after(reason, view.spec.circuit_breaker)
+        until = run.db_now + timedelta(seconds=recheck + random.uniform(0, recheck))
+        return await self._wait(run, reason, view, until)
+
+    async def _wait(
+        self, run: SagaRun, reason: WaitReason, view: ServiceView, until: datetime
+    ) -> bool:
+        self.host.denied(run, reason)
+        commit = wait(run.spec, run.state, reason, view.name, until, run.db_now)
+        return await self.commit(run, commit) is Next.CONTINUE
+
+    async def _attempt(
+        self,
+        run: SagaRun,
+        action: Call,
+        number: int,
+        view: ServiceView | None,
+        breaker: Breaker | None,
+    ) -> bool:
+        """The attempt is recorded as started: make the call, then commit its outcome."""
+        run.state = started(run.state, action.index, action.direction, number)
+        committed_at = time.monotonic()  # the lease runs from the commit (clock_timestamp)
+        failpoints = self.host.failpoints
+        if action.direction is Direction.COMPENSATION:
+            failpoints.hit("mid_compensation")
+        failpoints.hit("before_send")
+        step_spec = run.spec.steps[action.index]
+        forward = action.direction is Direction.ACTION
+        call_spec = step_spec.action if forward else step_spec.compensation
+        assert call_spec is not None
+        began = time.monotonic()
+        request: HttpRequest | None = None
+        try:
+            request = build_request(
+                call=call_spec,
+                service=view.spec if view else None,
+                step_name=step_spec.name,
+                step_timeout=step_spec.timeout_seconds,
+                direction=action.direction,
+                saga_id=run.lease.saga_id,
+                context=_context(run, lenient=not forward),
+                request_id=run.claimed.request_id,
+                deadline_at=run.claimed.deadline_at,
+            )
+        except TemplateError as exc:
+            result = CallResult(failure=CallFailure.TEMPLATE, message=str(exc))
+        if request is not None:
+            request.headers["X-Saga-Attempt"] = str(number)
+            # A process paused for half a lease since the start committed must not send:
+            # another may own the saga by now.
+            send_by = committed_at + self.host.lease_seconds / 2
+            result = await self.host.send(
+                run, step_spec.name, action.direction, number, request, send_by
+            )
+        duration_ms = (time.monotonic() - began) * 1000
+        failpoints.hit("after_send_before_commit")
+        # A participant may echo a secret (its API key) in an error body: never stored.
+        result = replace(result, message=known_secrets.redact(result.message))
+        counted = view is not None and result.failure is not CallFailure.TEMPLATE
+        attempt = Attempt(
+            call=action,
+            number=number,
+            result=result,
+            duration_ms=duration_ms,
+            service=call_spec.service,
+            breaker=breaker if counted else None,
+            breaker_config=view.spec.circuit_breaker if view else None,
+            request=request.redacted(set(view.spec.headers) if view else set())
+            if request
+            else None,
+        )
+        policy = step_spec.retry if forward else step_spec.compensation_retry
+        outcome = classify(result, policy.retry_on_status)
+        commit = decide(run.spec, run.state, attempt, run.db_now)
+        self.host.observed(
+            run,
+            step_spec.name,
+            action.direction,
+            number,
+            result,
+            outcome,
+            commit,
+            duration_ms,
+            call_spec.service,
+        )
+        if not await self._apply(run, commit):
+            # The completion yielded to a cancel accepted during the call: decide again
+            # knowing of it (the step's success is kept; the saga unwinds next).
+            commit = decide(run.spec, run.state, attempt, run.db_now)
+            if not await self._apply(run, commit):
+                raise AssertionError("a decision that knows of the cancel cannot yield to it")
+        failpoints.hit("after_commit")
+        return commit.saga.next is Next.CONTINUE
+
+
+def _context(run: SagaRun, lenient: bool = False) -> RenderContext:
+    """What templates may see: the input, the saga id, earlier steps' results."""
+    return RenderContext(
+        input=run.claimed.input,
+        saga_id=str(run.lease.saga_id),
+        absent_results_as_null=lenient,
+        step_results={
+            s.name: (s.status_code, s.response)
+            for s in run.state.steps
+            if s.status in (StepStatus.SUCCEEDED, StepStatus.FALLBACK)
+            or s.response is not None
+            or s.status_code is not None
+        },
+    )

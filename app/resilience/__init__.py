@@ -1,1 +1,0 @@
-"""Pure resilience rules (retry schedule, outcome classification); clocks are injected."""

@@ -1,0 +1,425 @@
+"""The saga repository on PostgreSQL: the engine's port (`app.engine.ports`), applying
+the core's `Commit` values with guarded statements (SQL in `engine_sql`)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.core.breaker import Breaker, Passage
+from app.core.commit import BreakerChange, Commit, Next, SagaState, StepState, Waiting
+from app.core.decide import CRASH_LIMIT
+from app.core.definition import DefinitionSpec
+from app.core.states import (
+    CircuitState,
+    Direction,
+    ErrorKind,
+    EventType,
+    SagaStatus,
+    SlotKind,
+    StepStatus,
+    WaitReason,
+)
+from app.engine.ports import (
+    Applied,
+    CancelFirst,
+    Claimed,
+    Lease,
+    Park,
+    Refusal,
+    Refused,
+    ServiceView,
+    StartAttempt,
+    Started,
+)
+from app.store import engine_sql as sql
+from app.store.registry import Registry, service_spec
+from app.store.sagas import SAGA_DONE_CHANNEL
+
+
+async def notify(conn: AsyncConnection, channel: str, payload: str) -> None:
+    await conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": payload})
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _breaker(row: Any) -> Breaker:
+    return Breaker(CircuitState(row.state), row.consecutive_failures, row.opened_at)
+
+
+class PgSagaRepository:
+    """Every statement the executor runs, for one worker."""
+
+    def __init__(self, engine: AsyncEngine, worker_id: str, lease_seconds: float) -> None:
+        self.engine = engine
+        self.worker = worker_id
+        self.lease = lease_seconds
+        self._registry = Registry(engine)
+
+    def _fence(self, lease: Lease) -> dict[str, Any]:
+        return {"id": lease.saga_id, "worker": self.worker, "epoch": lease.epoch}
+
+    # --- claiming ---------------------------------------------------------------------
+
+    async def claim(self, limit: int) -> list[Claimed]:
+        async with self.engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    sql.CLAIM, {"worker": self.worker, "lease": self.lease, "limit": limit}
+                )
+            ).all()
+            if not rows:
+                return []
+            steps = (await conn.execute(sql.CLAIMED_STEPS, {"ids": [r.id for r in rows]})).all()
+        by_saga: dict[uuid.UUID, list[StepState]] = defaultdict(list)
+        for s in steps:
+            by_saga[s.saga_id].append(
+                StepState(
+                    name=s.name,
+                    status=StepStatus(s.status),
+                    attempts=s.attempts,
+                    compensation_attempts=s.compensation_attempts,
+                    maybe_applied=s.maybe_applied,
+                    in_flight=s.in_flight,
+                    status_code=s.status_code,
+                    response=s.response,
+                )
+            )
+        return [
+            Claimed(
+                lease=Lease(r.id, r.lease_epoch),
+                definition_id=r.definition_id,
+                definition_name=r.definition_name,
+                input=r.input,
+                request_id=r.request_id,
+                traceparent=r.traceparent,
+                deadline_at=r.deadline_at,
+                db_now=r.db_now,
+                state=SagaState(
+                    status=SagaStatus(r.status),
+                    steps=tuple(by_saga[r.id]),
+                    cancel_requested=r.cancel_requested,
+                    deadline_at=r.deadline_at,
+                    waiting=(
+                        Waiting(WaitReason(r.waiting_reason), r.waiting_service)
+                        if r.waiting_reason
+                        else None
+                    ),
+                    pivot_locked=r.pivot_locked,
+                ),
+            )
+            for r in rows
+        ]
+
+    async def renew(self, lease: Lease) -> bool:
+        async with self.engine.begin() as conn:
+            n = (
+                await conn.execute(sql.RENEW, {**self._fence(lease), "lease": self.lease})
+            ).scalar_one()
+        return bool(n)
+
+    # --- starting an attempt ----------------------------------------------------------
+
+    async def start_attempt(self, lease: Lease, start: StartAttempt) -> Started | Refused | None:
+        forward = start.direction is Direction.ACTION
+        params = {
+            **self._fence(lease),
+            "lease": self.lease,
+            "status": (StepStatus.RUNNING if forward else StepStatus.COMPENSATING).value,
+            "forward": forward,
+            "idx": start.index,
+            "step": start.step_name,
+            "direction": start.direction.value,
+            "pivot": start.pivot,
+        }
+        if start.service is not None and start.passage is Passage.PROBE:
+            return await self._start_probe(lease, start, params)
+        statement = sql.START_PLAIN
+        if start.service is not None:
+            statement = sql.START_CALL
+            params.update(service=start.service, version=start.version)
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(statement, params)).one()
+        if row.attempt is not None:
+            return Started(int(row.attempt), row.db_now)
+        if not row.ours:
+            return None
+        if not row.go:
+            return Refused(Refusal.CANCELLED_FIRST, row.db_now)
+        if not row.current:
+            assert start.service is not None
+            return Refused(Refusal.STALE, row.db_now, await self.service(start.service))
+        return Refused(Refusal.NO_SLOT, row.db_now)
+
+    async def _start_probe(
+        self, lease: Lease, start: StartAttempt, params: dict[str, Any]
+    ) -> Started | Refused | None:
+        assert start.service is not None
+        async with self.engine.begin() as conn:
+            fence = (await conn.execute(sql.LOCK_FENCE, self._fence(lease))).first()
+            if fence is None:
+                return None
+            row = (await conn.execute(sql.LOCK_BREAKER, {"service": start.service})).first()
+            if row is None:  # the service is gone: the request fails when it is built
+                now = (await conn.execute(text("SELECT now()"))).scalar_one()
+                await conn.rollback()
+                return Refused(Refusal.STALE, now, None)
+            if start.pivot and fence.cancel_requested:
+                await conn.rollback()
+                return Refused(Refusal.CANCELLED_FIRST, row.db_now)
+            if int(row.version) != start.version or _breaker(row) != start.breaker:
+                await conn.rollback()
+                return Refused(Refusal.STALE, row.db_now, await self.service(start.service))
+            after = start.breaker_after
+            if after is not None and after != start.breaker:
+                await self._write_breaker(conn, BreakerChange(start.service, _breaker(row), after))
+            for kind, refusal in (
+                (SlotKind.PROBE, Refusal.NO_PROBE_SLOT),
+                (SlotKind.CALL, Refusal.NO_SLOT),
+            ):
+                taken = (
+                    await conn.execute(
+                        sql.TAKE_SLOT,
+                        {**params, "service": start.service, "kind": kind.value},
+                    )
+                ).first()
+                if taken is None:
+                    await conn.rollback()
+                    return Refused(refusal, row.db_now)
+            started = (await conn.execute(sql.START_HELD, params)).first()
+            if started is None:
+                await conn.rollback()
+                return None
+        return Started(int(started.attempt), started.db_now)
+
+    # --- committing outcomes ----------------------------------------------------------
+
+    async def commit(
+        self, lease: Lease, commit: Commit, was: SagaStatus
+    ) -> Applied | CancelFirst | None:
+        """Apply `commit` to a saga this worker holds in status `was`."""
+        write = commit.saga
+        params = {
+            **self._fence(lease),
+            "lease": self.lease,
+            "status": write.status.value,
+            "was": was.value,
+            "error": _json(write.error.as_json()) if write.error else None,
+            "terminal": write.status.terminal,
+            "keep": write.next is Next.CONTINUE,
+            "idle": write.next is Next.IDLE,
+            "delay": max(write.delay_seconds, 0.0),
+            "running": write.status is SagaStatus.RUNNING,
+            "pivot_lock": write.pivot.value == "lock",
+            "pivot": write.pivot.value,
+            "waiting_reason": write.waiting.reason.value if write.waiting else None,
+            "waiting_service": write.waiting.service if write.waiting else None,
+            "crashes_reset": commit.crashes_reset,
+            "unless_cancelled": write.unless_cancelled,
+        }
+        conflict = False
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(sql.WRITE_SAGA, params)).first()
+            if row is None:
+                why = (await conn.execute(sql.WHY_NOT_WRITTEN, self._fence(lease))).first()
+                await conn.rollback()
+                if why is not None and why.ours and why.cancelled and write.unless_cancelled:
+                    return CancelFirst(why.db_now)
+                return None
+            await self._apply_parts(conn, lease, commit)
+            if commit.breaker is not None:
+                conflict = not await self._write_breaker(conn, commit.breaker)
+            if write.status.terminal and write.next is Next.IDLE:
+                await notify(conn, SAGA_DONE_CHANNEL, str(lease.saga_id))
+        return Applied(row.db_now, bool(row.cancel_requested), conflict)
+
+    async def _apply_parts(self, conn: AsyncConnection, lease: Lease, commit: Commit) -> None:
+        step = commit.step
+        if step is not None:
+            await conn.execute(
+                sql.WRITE_STEP,
+                {
+                    "id": lease.saga_id,
+                    "idx": step.index,
+                    "status": step.status.value,
+                    "maybe_applied": step.maybe_applied,
+                    "set_result": step.set_result,
+                    "status_code": step.status_code,
+                    "response": _json(step.response),
+                    "last_error": _json(step.last_error.as_json() if step.last_error else None),
+                    "keep_error": step.keep_error,
+                    "finished": step.finished,
+                },
+            )
+        if commit.events:
+            await conn.execute(
+                sql.INSERT_EVENT,
+                [
+                    {
+                        "id": lease.saga_id,
+                        "type": e.type.value,
+                        "step": e.step,
+                        "direction": e.direction.value if e.direction else None,
+                        "attempt": e.attempt,
+                        "outcome": e.outcome.value if e.outcome else None,
+                        "status_code": e.status_code,
+                        "error_kind": e.error_kind.value if e.error_kind else None,
+                        "message": e.message,
+                        "duration_ms": e.duration_ms,
+                        "worker": self.worker,
+                    }
+                    for e in commit.events
+                ],
+            )
+        letter = commit.dead_letter
+        if letter is not None:
+            await conn.execute(
+                sql.INSERT_DEAD_LETTER,
+                {
+                    "dl_id": uuid.uuid4(),
+                    "id": lease.saga_id,
+                    "idx": letter.step_index,
+                    "step": letter.step_name,
+                    "direction": letter.direction.value,
+                    "service": letter.service,
+                    "attempts": letter.attempts,
+                    "last_error": _json(letter.last_error),
+                    "request": _json(letter.request),
+                },
+            )
+        if commit.release_slot or commit.saga.next is not Next.CONTINUE:
+            await conn.execute(sql.RELEASE_SLOTS, {"id": lease.saga_id})
+
+    async def _write_breaker(self, conn: AsyncConnection, change: BreakerChange) -> bool:
+        before, after = change.before, change.after
+        row = (
+            await conn.execute(
+                sql.WRITE_BREAKER,
+                {
+                    "service": change.service,
+                    "state": after.state.value,
+                    "failures": after.consecutive_failures,
+                    "opened_at": after.opened_at,
+                    "was_state": before.state.value,
+                    "was_failures": before.consecutive_failures,
+                    "was_opened_at": before.opened_at,
+                },
+            )
+        ).first()
+        return row is not None
+
+    async def apply_breaker(self, change: BreakerChange) -> Breaker | None:
+        async with self.engine.begin() as conn:
+            if await self._write_breaker(conn, change):
+                return None
+            row = (await conn.execute(sql.CURRENT_BREAKER, {"service": change.service})).first()
+        return _breaker(row) if row is not None else None
+
+    # --- giving sagas back ------------------------------------------------------------
+
+    async def release(self, lease: Lease, after_seconds: float) -> None:
+        """Give a saga back (shutdown): due again for another worker after `after_seconds`.
+        A saga whose call was cut off is held back until that call's timeout would have
+        passed, so the participant does not see the same key twice at once."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sql.RELEASE, {**self._fence(lease), "idle": False, "after": after_seconds}
+            )
+
+    async def idle(self, lease: Lease) -> bool:
+        """Nothing is left to do for this saga: no longer due, lease given back."""
+        async with self.engine.begin() as conn:
+            n = (
+                await conn.execute(sql.RELEASE, {**self._fence(lease), "idle": True, "after": 0})
+            ).scalar_one()
+        return bool(n)
+
+    async def record_crash(self, lease: Lease, error_type: str, park: Park) -> int:
+        """An unexpected error of the executor on this saga: count it, give back the lease
+        and its bulkhead slot, and look again after a growing pause; at CRASH_LIMIT
+        consecutive errors, park the saga `failed` with a dead letter for an operator
+        instead of claiming it into the same error again. Returns the count (0: fenced)."""
+        message = f"the executor failed on this saga ({error_type})"
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(sql.RECORD_CRASH, self._fence(lease))).first()
+            if row is None:
+                return 0
+            crashes = int(row.crashes)
+            await conn.execute(sql.RELEASE_SLOTS, {"id": lease.saga_id})
+            events: list[tuple[EventType, str | None, str | None]] = [
+                (EventType.EXECUTOR_ERROR, park.step_name, message)
+            ]
+            if crashes >= CRASH_LIMIT:
+                error = {
+                    "step": park.step_name,
+                    "kind": ErrorKind.TEMPLATE.value,
+                    "message": f"{message} {crashes} times in a row; parked for an operator",
+                }
+                await conn.execute(sql.PARK, {"id": lease.saga_id, "error": _json(error)})
+                await conn.execute(
+                    sql.INSERT_DEAD_LETTER,
+                    {
+                        "dl_id": uuid.uuid4(),
+                        "id": lease.saga_id,
+                        "idx": park.step_index,
+                        "step": park.step_name,
+                        "direction": park.direction.value,
+                        "service": park.service,
+                        "attempts": park.attempts,
+                        "last_error": _json({**error, "direction": park.direction.value}),
+                        "request": None,
+                    },
+                )
+                events.append((EventType.SAGA_FAILED, None, None))
+                await notify(conn, SAGA_DONE_CHANNEL, str(lease.saga_id))
+            await conn.execute(
+                sql.INSERT_EVENT,
+                [
+                    {
+                        "id": lease.saga_id,
+                        "type": kind.value,
+                        "step": step,
+                        "direction": None,
+                        "attempt": None,
+                        "outcome": None,
+                        "status_code": None,
+                        "error_kind": None,
+                        "message": text,
+                        "duration_ms": None,
+                        "worker": self.worker,
+                    }
+                    for kind, step, text in events
+                ],
+            )
+        return crashes
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def service(self, name: str) -> ServiceView | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sql.SERVICE, {"service": name})).first()
+        if row is None:
+            return None
+        return ServiceView(name, service_spec(row), int(row.version), _breaker(row))
+
+    async def definition(self, definition_id: int) -> DefinitionSpec:
+        record = await self._registry.get_definition_by_id(definition_id)
+        if record is None:
+            raise LookupError(f"definition {definition_id} vanished")
+        return record.spec
+
+    def outage(self, error: BaseException) -> bool:
+        return isinstance(error, OperationalError | InterfaceError | OSError)
+
+    async def prune_idempotency_keys(self, batch: int = 1000) -> int:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(sql.PRUNE_KEYS, {"n": batch})
+        return int(getattr(result, "rowcount", 0) or 0)
