@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import psycopg
 
-from app.store.db import make_engine
 from app.engine.ports import Lease
+from app.store.db import make_engine
 from app.store.repository import PgSagaRepository
 
 SEED = """
