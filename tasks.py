@@ -74,6 +74,8 @@ def cmd_lint(_: list[str]) -> int:
         return 1
     if _run(BIN / "ruff", "format", "--check", ".", check=False):
         return 1
+    if _run(BIN / "lint-imports", check=False):  # the layers' import rules (pyproject.toml)
+        return 1
     return _run(BIN / "mypy", check=False)
 
 

@@ -11,6 +11,8 @@ from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api import admin_routes, health, problems, registry_routes, saga_routes
@@ -35,6 +37,9 @@ from app.store.sessions import SessionStore
 from app.store.stats import StatsStore
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import Tracing
+from app.usecases.catalog import Catalog
+from app.usecases.operations import Operations
+from app.usecases.sagas import Sagas
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,19 @@ def resolve_tokens(settings: Settings) -> Tokens:
         )
     known_secrets.add(settings.api_token, admin, settings.metrics_token)
     return Tokens(api=settings.api_token or None, admin=admin)
+
+
+DATABASE_ERRORS: tuple[type[Exception], ...] = (OperationalError, PoolTimeout, DBAPIError)
+
+
+def database_trouble(error: BaseException) -> problems.DatabaseTrouble | None:
+    """How the API answers a database error: unreachable or lost (503), or failed (500)."""
+    if isinstance(error, OperationalError | PoolTimeout | InterfaceError):
+        return problems.DatabaseTrouble.UNAVAILABLE
+    if isinstance(error, DBAPIError):
+        lost = error.connection_invalidated
+        return problems.DatabaseTrouble.LOST if lost else problems.DatabaseTrouble.FAILED
+    return None
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -120,17 +138,21 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(database_url, settings.db_pool_size, settings.lease_seconds)
         waiters = SagaWaiters()
+        registry = Registry(engine)
+        admin = AdminStore(engine)
         app.state.ctx = AppContext(
             settings=settings,
-            engine=engine,
-            registry=Registry(engine),
-            sagas=SagaStore(engine),
-            waiters=waiters,
-            admin=AdminStore(engine),
-            stats=StatsStore(engine),
+            sagas=Sagas(
+                SagaStore(engine),
+                registry,
+                admin,
+                waiters,
+                settings.idempotency_ttl_hours * 3600,
+            ),
+            catalog=Catalog(registry, settings.host_policy),
+            ops=Operations(admin, StatsStore(engine), registry, SessionStore(engine)),
             metrics=metrics,
             tokens=tokens,
-            sessions=SessionStore(engine),
             login_limiter=LoginLimiter(),
         )
         listener = Listener(
@@ -167,7 +189,7 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    problems.install(app)
+    problems.install(app, DATABASE_ERRORS, database_trouble)
     app.add_middleware(V1GuardMiddleware, tokens=tokens)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestIdMiddleware)

@@ -21,12 +21,11 @@ from app.api.pagination import (
     time_cursor_after,
     valid_offset,
 )
-from app.api.problems import Problem
 from app.api.registry_routes import NamePath
 from app.api.schemas import AuditOut, DeadLetterOut, DiscardRequest, Page, ServiceOut
 from app.core.definition import NAME_PATTERN
 from app.core.states import DeadLetterStatus
-from app.store.admin import ActionResult
+from app.usecases.operations import Done
 
 router = APIRouter(prefix="/v1/admin")
 Actor = Annotated[str, Depends(require_admin)]
@@ -49,12 +48,8 @@ DISCARD_BODY = Body(
 )
 
 
-def _answer(result: ActionResult, message: str, response: Response) -> None:
-    if result is ActionResult.NOT_FOUND:
-        raise Problem(404, message, slug="unknown-dead-letter")
-    if result is ActionResult.CONFLICT:
-        raise Problem(409, message, slug="dead-letter-conflict")
-    response.status_code = 200 if result is ActionResult.ALREADY else 202
+def _answer(done: Done, response: Response) -> None:
+    response.status_code = 200 if done is Done.ALREADY else 202
 
 
 @router.get(
@@ -88,7 +83,7 @@ async def list_dead_letters(
     pivot, or as a non-critical step), waiting for an operator; filter by `status`
     (`open`, `retried`, `discarded`), `definition` or `service`."""
     before = decode_time_cursor(cursor)
-    views = await ctx.admin.dead_letters(limit, status, definition, service, before)
+    views = await ctx.ops.dead_letters(limit, status, definition, service, before)
     return Page[DeadLetterOut](
         items=[DeadLetterOut.of(v) for v in views], next_cursor=time_cursor_after(views, limit)
     )
@@ -106,9 +101,7 @@ async def list_dead_letters(
 async def get_dead_letter(dl_id: DeadLetterId, ctx: Ctx, _actor: Actor) -> DeadLetterOut:
     """One dead letter: the saga, step and direction, the attempts, the last error and the
     request that was sent (secret header values masked)."""
-    view = await ctx.admin.dead_letter(dl_id)
-    if view is None:
-        raise Problem(404, f"no dead letter with id {dl_id}", slug="unknown-dead-letter")
+    view = await ctx.ops.dead_letter(dl_id)
     return DeadLetterOut.of(view)
 
 
@@ -143,8 +136,7 @@ async def retry_dead_letter(
 ) -> DeadLetterOut:
     """Run the step or compensation again with fresh attempts and the same
     Idempotency-Key; a `failed` saga resumes compensating. Recorded in the audit log."""
-    result, message = await ctx.admin.retry_dead_letter(dl_id, actor)
-    _answer(result, message, response)
+    _answer(await ctx.ops.retry_dead_letter(dl_id, actor), response)
     return await get_dead_letter(dl_id, ctx, actor)
 
 
@@ -184,8 +176,7 @@ async def discard_dead_letter(
 ) -> DeadLetterOut:
     """Close a dead letter without running it, with the operator's `reason` (for example,
     the effect was undone by hand). Recorded in the audit log."""
-    result, message = await ctx.admin.discard_dead_letter(dl_id, actor, body.reason)
-    _answer(result, message, response)
+    _answer(await ctx.ops.discard_dead_letter(dl_id, actor, body.reason), response)
     return await get_dead_letter(dl_id, ctx, actor)
 
 
@@ -201,12 +192,7 @@ async def discard_dead_letter(
 async def reset_circuit(name: NamePath, ctx: Ctx, actor: Actor) -> ServiceOut:
     """Close the service's circuit breaker and clear its failure count, for every executor
     at once. Recorded in the audit log."""
-    if not await ctx.admin.reset_circuit(name, actor):
-        raise Problem(404, f"no service named '{name}'", slug="unknown-service")
-    record = await ctx.registry.get_service(name)
-    if record is None:
-        raise Problem(404, f"no service named '{name}'", slug="unknown-service")
-    return ServiceOut.of(record)
+    return ServiceOut.of(await ctx.ops.reset_circuit(name, actor))
 
 
 @router.get(
@@ -225,6 +211,6 @@ async def audit_log(
     before = decode_cursor(cursor)
     if before is not None and not valid_offset(before):
         raise bad_cursor()
-    rows = await ctx.admin.audit_log(limit, before)
+    rows = await ctx.ops.audit_log(limit, before)
     next_cursor = encode_cursor(rows[-1]["id"]) if len(rows) == limit else None
     return Page[AuditOut](items=[AuditOut.model_validate(r) for r in rows], next_cursor=next_cursor)

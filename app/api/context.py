@@ -1,4 +1,5 @@
-"""What every route needs, wired once in create_app and reached through one dependency."""
+"""What every route needs, wired once in create_app and reached through one dependency:
+the use cases (routes never reach a store), the settings, metrics and tokens."""
 
 from __future__ import annotations
 
@@ -6,32 +7,24 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api.auth import Tokens
 from app.dashboard.auth import LoginLimiter
 from app.settings import Settings
-from app.store.admin import AdminStore
-from app.store.listen import SagaWaiters
-from app.store.registry import Registry
-from app.store.sagas import SagaStore
-from app.store.sessions import SessionStore
-from app.store.stats import StatsStore
 from app.telemetry.metrics import Metrics
+from app.usecases.catalog import Catalog
+from app.usecases.operations import Operations
+from app.usecases.sagas import Sagas
 
 
 @dataclass
 class AppContext:
     settings: Settings
-    engine: AsyncEngine
-    registry: Registry
-    sagas: SagaStore
-    waiters: SagaWaiters
-    admin: AdminStore
-    stats: StatsStore
+    sagas: Sagas
+    catalog: Catalog
+    ops: Operations
     metrics: Metrics
     tokens: Tokens
-    sessions: SessionStore
     login_limiter: LoginLimiter
 
 

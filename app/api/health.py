@@ -7,14 +7,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from sqlalchemy import text
 
 from app.api.auth import Tokens, bearer
 from app.api.context import Ctx
 from app.api.openapi import answer, problems
 from app.api.problems import problem_response
 from app.api.schemas import HealthOut, ReadyOut
-from app.store.migrate import head_revision
 
 router = APIRouter()
 METRICS_EXAMPLE = """# HELP saga_started_total Sagas started
@@ -52,10 +50,7 @@ async def readyz(ctx: Ctx) -> Any:
     """`200` when the database answers and its schema is at the latest migration; else
     `503` with `Retry-After`. Load balancers route to ready processes only."""
     try:
-        async with ctx.engine.connect() as conn:
-            current = (
-                await conn.execute(text("SELECT version_num FROM alembic_version"))
-            ).scalar_one_or_none()
+        current, head = await ctx.ops.readiness()
     except Exception as exc:
         return problem_response(
             503,
@@ -63,7 +58,6 @@ async def readyz(ctx: Ctx) -> Any:
             slug="not-ready",
             headers={"Retry-After": "2"},
         )
-    head = head_revision()
     if current != head:
         return problem_response(
             503,
@@ -102,5 +96,5 @@ async def metrics(ctx: Ctx, request: Request) -> Response:
                 slug="unauthorized",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-    shared = await ctx.stats.shared_figures()
+    shared = await ctx.ops.shared_figures()
     return Response(ctx.metrics.render(shared), media_type=CONTENT_TYPE_LATEST)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.api.openapi import document
 from app.logs import describe_error, safe_traceback
+from app.usecases.errors import Problem as Problem
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +35,6 @@ _TITLES = {
     500: "Internal server error",
     503: "Service unavailable",
 }
-
-
-class Problem(Exception):
-    """Raise from a route to answer with a problem document."""
-
-    def __init__(
-        self,
-        status: int,
-        detail: str,
-        *,
-        slug: str | None = None,
-        errors: list[dict[str, Any]] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.slug = slug
-        self.errors = errors or []
-        self.headers = headers or {}
 
 
 def problem_response(
@@ -109,9 +90,20 @@ def allowed_methods(request: Request) -> list[str]:
     ]
 
 
-def install(app: FastAPI) -> None:
+class DatabaseTrouble(Enum):
+    UNAVAILABLE = "unavailable"  # cannot be reached now: 503 with Retry-After
+    LOST = "lost"  # the connection broke mid-request: 503 with Retry-After
+    FAILED = "failed"  # a statement failed: 500, logged without its data
+
+
+def install(
+    app: FastAPI,
+    database_errors: tuple[type[Exception], ...],
+    database_trouble: Callable[[BaseException], DatabaseTrouble | None],
+) -> None:
     """Register handlers so that no error leaves the API as anything but problem+json,
-    and say so in the OpenAPI document."""
+    and say so in the OpenAPI document. The store's error types and the classifier that
+    tells them apart come from the wiring (`main.py`)."""
     document(app)
 
     @app.exception_handler(Problem)
@@ -152,30 +144,24 @@ def install(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(methods)
         return problem_response(exc.status_code, detail, headers=headers)
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(PoolTimeout)
-    async def _db_down(_: Request, exc: Exception) -> JSONResponse:
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        trouble = database_trouble(exc)
+        if trouble is DatabaseTrouble.FAILED or trouble is None:
+            log.error(
+                "database error", extra={"error": describe_error(exc), "where": safe_traceback(exc)}
+            )
+            return problem_response(500, "internal error; see the server log with the request id")
         log.warning("database unavailable", extra={"error": describe_error(exc)})
+        what = "is unavailable" if trouble is DatabaseTrouble.UNAVAILABLE else "connection was lost"
         return problem_response(
             503,
-            "the database is unavailable; retry shortly",
+            f"the database {what}; retry shortly",
             slug="database-unavailable",
             headers={"Retry-After": "2"},
         )
 
-    @app.exception_handler(DBAPIError)
-    async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
-        if exc.connection_invalidated:
-            return problem_response(
-                503,
-                "the database connection was lost; retry shortly",
-                slug="database-unavailable",
-                headers={"Retry-After": "2"},
-            )
-        log.error(
-            "database error", extra={"error": describe_error(exc), "where": safe_traceback(exc)}
-        )
-        return problem_response(500, "internal error; see the server log with the request id")
+    for error_type in database_errors:
+        app.add_exception_handler(error_type, _database)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -11,20 +11,13 @@ from app.api.auth import require_api, require_registrar
 from app.api.context import Ctx
 from app.api.openapi import V1, answer, link, problems
 from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
-from app.api.problems import Problem
 from app.api.schemas import DefinitionOut, Page, ServiceOut
 from app.core.definition import (
     NAME_PATTERN,
     DefinitionSpec,
-    RuleViolation,
     ServiceSpec,
-    call_urls,
-    check_definition,
     is_name,
 )
-from app.core.hosts import Verdict, url_host_port
-from app.core.templates import strip_refs
-from app.participants.network import check_url
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api)])
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, description="lowercase name")]
@@ -105,15 +98,7 @@ async def put_service(
     calls in flight across all executors, and `circuit_breaker` tunes its breaker.
     Header values are secrets: they are never echoed back.
     """
-    refused = await check_url(ctx.settings.host_policy, *url_host_port(spec.base_url))
-    if refused:
-        raise Problem(
-            422,
-            f"base_url is not allowed: {refused}",
-            slug="host-not-allowed",
-            errors=[{"loc": ["body", "base_url"], "msg": refused, "type": "value_error"}],
-        )
-    record, created = await ctx.registry.put_service(name, spec, actor)
+    record, created = await ctx.catalog.put_service(name, spec, actor)
     response.status_code = 201 if created else 200
     return ServiceOut.of(record)
 
@@ -129,7 +114,7 @@ async def put_service(
 )
 async def list_services(ctx: Ctx, limit: Limit = 50, cursor: Cursor = None) -> Page[ServiceOut]:
     """The registered services in name order, with their live circuit state."""
-    records = await ctx.registry.list_services(limit, _cursor_name(cursor))
+    records = await ctx.catalog.services(limit, _cursor_name(cursor))
     next_cursor = encode_cursor(records[-1].name) if len(records) == limit else None
     return Page[ServiceOut](items=[ServiceOut.of(r) for r in records], next_cursor=next_cursor)
 
@@ -146,10 +131,7 @@ async def list_services(ctx: Ctx, limit: Limit = 50, cursor: Cursor = None) -> P
 async def get_service(name: NamePath, ctx: Ctx) -> ServiceOut:
     """One service's settings and live state: `circuit_state` (`closed`, `open`,
     `half_open`), `consecutive_failures`, `opened_at` and the calls `in_flight` now."""
-    record = await ctx.registry.get_service(name)
-    if record is None:
-        raise Problem(404, f"no service named '{name}'", slug="unknown-service")
-    return ServiceOut.of(record)
+    return ServiceOut.of(await ctx.catalog.service(name))
 
 
 @router.post(
@@ -193,28 +175,7 @@ async def post_definition(
     (idempotent); new content answers `201` with `version` + 1. Running sagas keep the
     version they started with.
     """
-    wanted = {
-        s.service for st in spec.steps for s in (st.action, st.compensation) if s and s.service
-    }
-    known = await ctx.registry.service_names(wanted)
-    policy = ctx.settings.host_policy
-    violations = check_definition(spec, known, policy)
-    for loc, url in call_urls(spec):  # names no DNS pattern names: resolved now
-        host, port = url_host_port(strip_refs(url))
-        if policy.written(host, port).verdict is Verdict.CHECK_ADDRESSES:
-            refused = await check_url(policy, host, port)
-            if refused:
-                violations.append(RuleViolation(loc, f"{url!r} is not allowed: {refused}"))
-    if violations:
-        raise Problem(
-            422,
-            "; ".join(v.msg for v in violations[:5]),
-            slug="invalid-definition",
-            errors=[
-                {"loc": ["body", *v.loc], "msg": v.msg, "type": "value_error"} for v in violations
-            ],
-        )
-    record, created = await ctx.registry.register_definition(spec, actor)
+    record, created = await ctx.catalog.register_definition(spec, actor)
     response.status_code = 201 if created else 200
     return DefinitionOut.of(record)
 
@@ -232,7 +193,7 @@ async def list_definitions(
     ctx: Ctx, limit: Limit = 50, cursor: Cursor = None
 ) -> Page[DefinitionOut]:
     """The latest version of every definition, in name order."""
-    records = await ctx.registry.list_definitions(limit, _cursor_name(cursor))
+    records = await ctx.catalog.definitions(limit, _cursor_name(cursor))
     next_cursor = encode_cursor(records[-1].name) if len(records) == limit else None
     return Page[DefinitionOut](
         items=[DefinitionOut.of(r) for r in records], next_cursor=next_cursor
@@ -250,10 +211,7 @@ async def list_definitions(
 )
 async def get_definition(name: NamePath, ctx: Ctx) -> DefinitionOut:
     """The latest version of the definition `name`, with every default filled in."""
-    record = await ctx.registry.get_definition(name)
-    if record is None:
-        raise Problem(404, f"no definition named '{name}'", slug="unknown-definition")
-    return DefinitionOut.of(record)
+    return DefinitionOut.of(await ctx.catalog.definition(name))
 
 
 @router.get(
@@ -271,7 +229,4 @@ async def get_definition_version(
     ctx: Ctx,
 ) -> DefinitionOut:
     """One version of a definition: what the sagas started on it run."""
-    record = await ctx.registry.get_definition(name, version)
-    if record is None:
-        raise Problem(404, f"definition '{name}' has no version {version}", slug="unknown-version")
-    return DefinitionOut.of(record)
+    return DefinitionOut.of(await ctx.catalog.definition(name, version))

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
-import json
-import math
-import re
 import uuid
 from typing import Annotated
 
@@ -27,19 +21,16 @@ from app.api.pagination import (
     time_cursor_after,
     valid_offset,
 )
-from app.api.problems import Problem
 from app.api.schemas import EventOut, Page, SagaOut, SagaStart, SagaSummaryOut
 from app.core.definition import NAME_PATTERN
 from app.core.states import SagaStatus
+from app.core.views import StartResult
 from app.logs import request_id_var
-from app.store.sagas import CancelResult, NewSaga, StartResult
+from app.usecases.sagas import MAX_WAIT_SECONDS, StartRequest
 
 router = APIRouter(prefix="/v1/sagas", dependencies=[Depends(require_api)])
-_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-# What `_KEY` accepts, minus the leading and trailing spaces HTTP strips from a header value.
+# What the start accepts as a key, minus the edge spaces HTTP strips from a header value.
 _KEY_SCHEMA = {"pattern": r"^[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?$", "maxLength": 255}
-MAX_WAIT_SECONDS = 30
 SagaId = Annotated[uuid.UUID, Path(description="The saga's id")]
 SAGA_START_BODY = Body(
     openapi_examples={
@@ -50,24 +41,6 @@ SAGA_START_BODY = Body(
         },
     }
 )
-
-
-def fingerprint(body: SagaStart) -> str:
-    """What an idempotency key is bound to: definition, requested version and input."""
-    canonical = json.dumps(
-        {"definition": body.definition, "version": body.version, "input": body.input},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-async def _saga_or_404(ctx: Ctx, saga_id: uuid.UUID) -> SagaOut:
-    view = await ctx.sagas.get(saga_id)
-    if view is None:
-        raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
-    return SagaOut.of(view)
 
 
 @router.post(
@@ -132,64 +105,24 @@ async def start_saga(
     `Idempotent-Replayed: true`; the same key with anything else is `422`. Any number of
     concurrent requests with one key create exactly one saga.
     """
-    if idempotency_key is not None and not _KEY.match(idempotency_key):
-        raise Problem(
-            422,
-            "Idempotency-Key must be 1-255 printable ASCII characters",
-            slug="bad-key",
-            errors=[
-                {
-                    "loc": ["header", "Idempotency-Key"],
-                    "msg": "1-255 printable characters",
-                    "type": "value_error",
-                }
-            ],
-        )
-    definition = await ctx.registry.get_definition(body.definition, body.version)
-    if definition is None:
-        what = f"version {body.version} of " if body.version else ""
-        raise Problem(
-            422,
-            f"there is no {what}definition '{body.definition}'",
-            slug="unknown-definition",
-            errors=[
-                {"loc": ["body", "definition"], "msg": "unknown definition", "type": "value_error"}
-            ],
-        )
-    first = definition.spec.steps[0].action.service
-    if fail_fast and first is not None:
-        wait = await ctx.admin.circuit_wait_seconds(first)
-        if wait is not None:
-            raise Problem(
-                503,
-                f"the circuit of service '{first}' is open; retry after {wait:.0f}s",
-                slug="circuit-open",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
-    result, saga_id = await ctx.sagas.start(
-        NewSaga(
-            definition=definition,
+    result, saga = await ctx.sagas.start(
+        StartRequest(
+            definition=body.definition,
+            version=body.version,
             input=body.input,
             idempotency_key=idempotency_key,
-            fingerprint=fingerprint(body) if idempotency_key is not None else None,
-            key_ttl_seconds=ctx.settings.idempotency_ttl_hours * 3600,
+            traceparent=traceparent,
             request_id=request_id_var.get(),
-            traceparent=traceparent if traceparent and _TRACEPARENT.match(traceparent) else None,
+            fail_fast=fail_fast,
         )
     )
-    if result is StartResult.MISMATCH:
-        raise Problem(
-            422,
-            "this Idempotency-Key was used with a different definition or input",
-            slug="idempotency-key-reused",
-        )
     if result is StartResult.CREATED:
-        ctx.metrics.sagas_started.labels(definition.name).inc()
-    response.headers["Location"] = f"/v1/sagas/{saga_id}"
+        ctx.metrics.sagas_started.labels(saga.definition).inc()
+    response.headers["Location"] = f"/v1/sagas/{saga.id}"
     if result is StartResult.REPLAYED:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    return await _saga_or_404(ctx, saga_id)
+    return SagaOut.of(saga)
 
 
 @router.get(
@@ -214,7 +147,7 @@ async def list_sagas(
 
     Items leave out the saga's `input` and its steps' `response` (they can be large);
     `GET /v1/sagas/{id}` has them."""
-    views = await ctx.sagas.list_page(limit, status, definition, decode_time_cursor(cursor))
+    views = await ctx.sagas.page(limit, status, definition, decode_time_cursor(cursor))
     return Page[SagaSummaryOut](
         items=[SagaSummaryOut.of(v) for v in views], next_cursor=time_cursor_after(views, limit)
     )
@@ -241,23 +174,7 @@ async def get_saga(
     With `wait_seconds` (at most 30) the answer comes as soon as the saga is terminal
     (`completed`, `compensated` or `failed`) or when the time is up.
     """
-    if wait_seconds <= 0:
-        return await _saga_or_404(ctx, saga_id)
-    # Register before reading so that a notification between the two is not missed.
-    event = ctx.waiters.register(str(saga_id))
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_seconds
-        while True:
-            event.clear()  # before reading: a notification during the read is kept
-            saga = await _saga_or_404(ctx, saga_id)
-            remaining = deadline - loop.time()
-            if saga.status.terminal or remaining <= 0:
-                return saga
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=remaining)
-    finally:
-        ctx.waiters.unregister(str(saga_id), event)
+    return SagaOut.of(await ctx.sagas.wait(saga_id, wait_seconds))
 
 
 @router.get(
@@ -277,8 +194,6 @@ async def saga_events(
     after = decode_cursor(cursor)
     if after is not None and not valid_offset(after):
         raise bad_cursor()
-    if await ctx.sagas.status(saga_id) is None:
-        raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
     rows = await ctx.sagas.events(saga_id, limit, after)
     next_cursor = encode_cursor(rows[-1]["id"]) if len(rows) == limit else None
     return Page[EventOut](
@@ -315,17 +230,4 @@ async def saga_events(
 async def cancel_saga(saga_id: SagaId, ctx: Ctx) -> SagaOut:
     """Ask the saga to stop going forward and compensate its completed steps (error kind
     `cancelled`). `409` when it is already terminal or has passed its pivot step."""
-    result = await ctx.sagas.request_cancel(saga_id)
-    if result is CancelResult.NOT_FOUND:
-        raise Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
-    if result is CancelResult.TERMINAL:
-        saga = await _saga_or_404(ctx, saga_id)
-        raise Problem(409, f"saga is already {saga.status.value}", slug="saga-terminal")
-    if result is CancelResult.PAST_PIVOT:
-        raise Problem(
-            409,
-            "the saga's pivot step is in flight or has succeeded: past the point of no "
-            "return it can only go forward",
-            slug="past-pivot",
-        )
-    return await _saga_or_404(ctx, saga_id)
+    return SagaOut.of(await ctx.sagas.cancel(saga_id))

@@ -10,8 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.definition import CircuitBreakerConfig, Document, Name, StepSpec
 from app.core.states import CircuitState, SagaStatus, StepStatus
-from app.store.registry import DefinitionRecord, ServiceRecord
-from app.store.sagas import SagaSummary, SagaView
+from app.core.views import DefinitionRecord, SagaSummary, SagaView, ServiceRecord
 
 REDACTED = "[redacted]"
 T = TypeVar("T")

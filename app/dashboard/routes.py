@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -15,6 +16,7 @@ from app.api import examples
 from app.api.auth import Tokens, require_admin
 from app.api.context import AppContext, Ctx
 from app.api.openapi import V1, answer, problems
+from app.api.problems import Problem
 from app.core.definition import NAME_PATTERN
 from app.core.states import DeadLetterStatus, SagaStatus
 from app.dashboard import auth
@@ -35,7 +37,7 @@ async def session(request: Request) -> str:
     not expired); else a redirect to the login page."""
     ctx: AppContext = request.app.state.ctx
     cookie = request.cookies.get(auth.COOKIE)
-    if not cookie or len(cookie) > 128 or not await ctx.sessions.valid(auth.digest(cookie)):
+    if not cookie or len(cookie) > 128 or not await ctx.ops.session_valid(auth.digest(cookie)):
         raise LoginRequired
     return cookie
 
@@ -74,6 +76,17 @@ def _forbidden(request: Request) -> HTMLResponse:
     )
     response.status_code = 403
     return response
+
+
+async def _then(request: Request, action: Awaitable[Any], page: str) -> Response:
+    """Take an operator's action, then back to `page`; a refusal is shown, not raised."""
+    try:
+        await action
+    except Problem as refused:
+        response = render(request, "message.html", None, title="Not done", message=refused.detail)
+        response.status_code = refused.status
+        return response
+    return RedirectResponse(page, status_code=303)
 
 
 def _safe_next(target: str | None) -> str:
@@ -117,7 +130,7 @@ async def login(request: Request, ctx: Ctx) -> Response:
         refused.status_code = 401
         return refused
     cookie = auth.new_secret()
-    await ctx.sessions.create(
+    await ctx.ops.open_session(
         auth.digest(cookie), Tokens.token_id(token), client, auth.SESSION_SECONDS
     )
     response = RedirectResponse(target, status_code=303)
@@ -137,7 +150,7 @@ async def login(request: Request, ctx: Ctx) -> Response:
 async def logout(request: Request, ctx: Ctx, cookie: Session) -> Response:
     if await _checked_form(request, cookie) is None:
         return _forbidden(request)
-    await ctx.sessions.revoke(auth.digest(cookie))
+    await ctx.ops.close_session(auth.digest(cookie))
     response = RedirectResponse("/admin/login", status_code=303)
     response.delete_cookie(
         auth.COOKIE, path="/admin", httponly=True, samesite="strict", secure=ctx.settings.https
@@ -204,8 +217,8 @@ async def retry_dead_letter(
 ) -> Response:
     if await _checked_form(request, cookie) is None:
         return _forbidden(request)
-    await ctx.admin.retry_dead_letter(dl_id, Tokens.token_id(ctx.tokens.admin))
-    return RedirectResponse("/admin/dead-letters", status_code=303)
+    action = ctx.ops.retry_dead_letter(dl_id, Tokens.token_id(ctx.tokens.admin))
+    return await _then(request, action, "/admin/dead-letters")
 
 
 @pages.post("/dead-letters/{dl_id}/discard")
@@ -216,8 +229,8 @@ async def discard_dead_letter(
     if form is None:
         return _forbidden(request)
     reason = (form.get("reason") or "").strip()[:1000] or "discarded from the dashboard"
-    await ctx.admin.discard_dead_letter(dl_id, Tokens.token_id(ctx.tokens.admin), reason)
-    return RedirectResponse("/admin/dead-letters", status_code=303)
+    action = ctx.ops.discard_dead_letter(dl_id, Tokens.token_id(ctx.tokens.admin), reason)
+    return await _then(request, action, "/admin/dead-letters")
 
 
 @pages.get("/services")
@@ -229,8 +242,8 @@ async def services(request: Request, ctx: Ctx, cookie: Session) -> HTMLResponse:
 async def reset_circuit(request: Request, ctx: Ctx, cookie: Session, name: str) -> Response:
     if await _checked_form(request, cookie) is None:
         return _forbidden(request)
-    await ctx.admin.reset_circuit(name, Tokens.token_id(ctx.tokens.admin))
-    return RedirectResponse("/admin/services", status_code=303)
+    action = ctx.ops.reset_circuit(name, Tokens.token_id(ctx.tokens.admin))
+    return await _then(request, action, "/admin/services")
 
 
 @pages.get("/audit")

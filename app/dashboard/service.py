@@ -26,20 +26,20 @@ class Dashboard:
         self.ctx = ctx
 
     async def overview(self) -> dict[str, Any]:
-        shared = await self.ctx.stats.shared_figures()
+        shared = await self.ctx.ops.shared_figures()
         by_status: dict[str, int] = {s.value: 0 for s in SagaStatus}
         by_definition: dict[str, dict[str, int]] = {}
-        for (definition, status), count in (await self.ctx.stats.sagas_by_status()).items():
+        for (definition, status), count in (await self.ctx.ops.sagas_by_status()).items():
             by_status[status] = by_status.get(status, 0) + count
             by_definition.setdefault(definition, {})[status] = count
         buckets = fill_buckets(
-            await self.ctx.stats.throughput(minutes=60, bucket_minutes=5),
-            await self.ctx.stats.db_now(),
+            await self.ctx.ops.throughput(60, 5),
+            await self.ctx.ops.db_now(),
         )
         finished = sum(b["finished"] for b in buckets)
         failed = sum(b["failed"] for b in buckets)
-        services = await self.ctx.registry.list_services(500, None)
-        failures = await self.ctx.stats.recent_failures(10)
+        services = await self.ctx.catalog.services(500, None)
+        failures = await self.ctx.ops.recent_failures(10)
         return {
             "sagas_by_status": by_status,
             "sagas_by_definition": by_definition,
@@ -84,13 +84,13 @@ class Dashboard:
         return chart_bars(buckets)
 
     async def saga_detail(self, saga_id: uuid.UUID) -> dict[str, Any] | None:
-        view = await self.ctx.sagas.get(saga_id)
+        view = await self.ctx.sagas.find(str(saga_id))
         if view is None:
             return None
-        events = await self.ctx.sagas.events(saga_id, 2000)
-        schedule = await self.ctx.sagas.schedule(saga_id) or {}
+        events = await self.ctx.sagas.events(saga_id, 2000, None)
+        schedule = await self.ctx.sagas.schedule(saga_id)
         now = schedule.get("db_now") or view.updated_at
-        definition = await self.ctx.registry.get_definition(
+        definition = await self.ctx.catalog.find_definition(
             view.definition, view.definition_version
         )
         last_error = next((s.last_error for s in view.steps if s.last_error), None)
@@ -134,20 +134,16 @@ class Dashboard:
         self, status: SagaStatus | None, definition: str | None, query: str | None
     ) -> list[SagaOut | SagaSummaryOut]:
         if query:
-            try:
-                saga_id: uuid.UUID | None = uuid.UUID(query)
-            except ValueError:
-                saga_id = await self.ctx.sagas.find_by_key(query)
-            view = await self.ctx.sagas.get(saga_id) if saga_id else None
+            view = await self.ctx.sagas.find(query)
             return [SagaOut.of(view)] if view else []
-        views = await self.ctx.sagas.list_page(100, status, definition)
+        views = await self.ctx.sagas.page(100, status, definition, None)
         return [SagaSummaryOut.of(v) for v in views]
 
     async def dead_letters(self, status: DeadLetterStatus | None) -> list[DeadLetterOut]:
-        return [DeadLetterOut.of(v) for v in await self.ctx.admin.dead_letters(200, status)]
+        return [DeadLetterOut.of(v) for v in await self.ctx.ops.dead_letters(200, status)]
 
     async def services(self) -> list[ServiceOut]:
-        return [ServiceOut.of(s) for s in await self.ctx.registry.list_services(500, None)]
+        return [ServiceOut.of(s) for s in await self.ctx.catalog.services(500, None)]
 
     async def audit(self) -> list[dict[str, Any]]:
-        return await self.ctx.admin.audit_log(200)
+        return await self.ctx.ops.audit_log(200)

@@ -3,45 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
 from typing import Any
 
 from sqlalchemy import select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.states import DeadLetterStatus, Direction, SagaStatus, StepStatus
+from app.core.deadletters import Refusal, plan_discard, plan_retry
+from app.core.states import DeadLetterStatus, Direction, EventType, SagaStatus
+from app.core.views import ActionResult, DeadLetterView
 from app.store.registry import audit
 from app.store.sagas import SAGA_WORK_CHANNEL
 from app.store.tables import AdminAudit, DeadLetter, SagaEvent
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetterView:
-    id: uuid.UUID
-    saga_id: uuid.UUID
-    definition: str
-    step: str
-    step_idx: int
-    direction: Direction
-    service: str | None
-    attempts: int
-    last_error: dict[str, Any] | None
-    request: dict[str, Any] | None
-    status: DeadLetterStatus
-    reason: str | None
-    created_at: datetime
-    resolved_at: datetime | None
-    resolved_by: str | None
-
-
-class ActionResult(Enum):
-    DONE = "done"
-    ALREADY = "already"  # the same action was taken before: idempotent success
-    NOT_FOUND = "not_found"
-    CONFLICT = "conflict"
 
 
 def _view(row: Any) -> DeadLetterView:
@@ -110,65 +84,42 @@ class AdminStore:
         return _view(row) if row else None
 
     async def retry_dead_letter(self, dl_id: uuid.UUID, actor: str) -> tuple[ActionResult, str]:
-        """Run the parked step or compensation again with fresh attempts (same key).
-
-        A compensation resumes a `failed` saga's unwinding; a step after the pivot
-        resumes a `failed` saga going forward; a non-critical step of a `completed` saga
-        runs again while the saga stays completed.
-        """
+        """Run the parked step or compensation again with fresh attempts (same key), as
+        `core.deadletters.plan_retry` decides on the locked rows."""
         async with self.engine.begin() as conn:
             row = (await conn.execute(_LOCK, {"id": dl_id})).first()
             if row is None:
                 return ActionResult.NOT_FOUND, "no such dead letter"
-            if row.status == DeadLetterStatus.RETRIED.value:
-                return ActionResult.ALREADY, "already retried"
-            if row.status == DeadLetterStatus.DISCARDED.value:
-                return ActionResult.CONFLICT, "the dead letter was discarded"
-            saga_status = SagaStatus(row.saga_status)
-            params = {"saga": row.saga_id, "idx": row.step_idx}
-            if row.direction == Direction.COMPENSATION.value:
-                if saga_status is not SagaStatus.FAILED:
-                    return ActionResult.CONFLICT, f"the saga is {saga_status.value}, not failed"
-                await conn.execute(
-                    text(
-                        """
-                        UPDATE saga_steps SET status = :s, compensation_attempts = 0,
-                                              finished_at = NULL
-                         WHERE saga_id = :saga AND idx = :idx
-                        """
-                    ),
-                    {**params, "s": StepStatus.COMPENSATING.value},
-                )
-                new_status = SagaStatus.COMPENSATING
-            else:
-                if saga_status not in (SagaStatus.COMPLETED, SagaStatus.FAILED):
-                    return (
-                        ActionResult.CONFLICT,
-                        f"the saga is {saga_status.value}; only a completed or failed saga's "
-                        "step can be retried",
-                    )
-                if saga_status is SagaStatus.FAILED and row.saga_error_step != row.step_name:
-                    return (
-                        ActionResult.CONFLICT,
-                        "the saga failed at another step; retry that dead letter first",
-                    )
-                if row.saga_busy:
-                    return ActionResult.CONFLICT, "the saga is being worked on; retry shortly"
-                await conn.execute(
-                    text(
-                        """
-                        UPDATE saga_steps SET status = 'pending', attempts = 0,
-                                              finished_at = NULL
-                         WHERE saga_id = :saga AND idx = :idx
-                        """
-                    ),
-                    params,
-                )
-                new_status = (
-                    SagaStatus.COMPLETED
-                    if saga_status is SagaStatus.COMPLETED
-                    else SagaStatus.RUNNING
-                )
+            plan = plan_retry(
+                DeadLetterStatus(row.status),
+                Direction(row.direction),
+                row.step_name,
+                SagaStatus(row.saga_status),
+                row.saga_error_step,
+                row.saga_busy,
+            )
+            if isinstance(plan, Refusal):
+                return (
+                    ActionResult.ALREADY if plan.already else ActionResult.CONFLICT
+                ), plan.message
+            await conn.execute(
+                text(
+                    """
+                    UPDATE saga_steps
+                       SET status = :s, finished_at = NULL, in_flight = false,
+                           attempts = CASE WHEN :forward THEN 0 ELSE attempts END,
+                           compensation_attempts = CASE WHEN :forward THEN compensation_attempts
+                                                        ELSE 0 END
+                     WHERE saga_id = :saga AND idx = :idx
+                    """
+                ),
+                {
+                    "saga": row.saga_id,
+                    "idx": row.step_idx,
+                    "s": plan.step_status.value,
+                    "forward": plan.reset_attempts,
+                },
+            )
             await conn.execute(
                 text(
                     """
@@ -181,16 +132,16 @@ class AdminStore:
                 ),
                 {
                     "saga": row.saga_id,
-                    "status": new_status.value,
-                    "keep_finished": new_status is SagaStatus.COMPLETED,
-                    "clear_error": new_status is SagaStatus.RUNNING,
+                    "status": plan.saga_status.value,
+                    "keep_finished": plan.keep_finished,
+                    "clear_error": plan.clear_error,
                 },
             )
             await self._resolve(conn, dl_id, DeadLetterStatus.RETRIED, actor, None)
             await conn.execute(
                 insert(SagaEvent).values(
                     saga_id=row.saga_id,
-                    type="dead_letter_retried",
+                    type=EventType.DEAD_LETTER_RETRIED,
                     step=row.step_name,
                     direction=row.direction,
                     message=f"by {actor}",
@@ -207,10 +158,10 @@ class AdminStore:
             row = (await conn.execute(_LOCK, {"id": dl_id})).first()
             if row is None:
                 return ActionResult.NOT_FOUND, "no such dead letter"
-            if row.status == DeadLetterStatus.DISCARDED.value:
-                return ActionResult.ALREADY, "already discarded"
-            if row.status == DeadLetterStatus.RETRIED.value:
-                return ActionResult.CONFLICT, "the dead letter was already retried"
+            refused = plan_discard(DeadLetterStatus(row.status))
+            if refused is not None:
+                result = ActionResult.ALREADY if refused.already else ActionResult.CONFLICT
+                return result, refused.message
             await self._resolve(conn, dl_id, DeadLetterStatus.DISCARDED, actor, reason)
             await self._audit(conn, actor, "dead_letter.discard", str(dl_id), {"reason": reason})
         return ActionResult.DONE, "discarded"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, text
@@ -13,31 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from app.core.audit import service_changes
 from app.core.definition import STORED, DefinitionSpec, ServiceSpec
 from app.core.states import CircuitState, SlotKind
+from app.core.views import DefinitionRecord, ServiceRecord
 from app.logs import known_secrets
 from app.store.tables import AdminAudit, CircuitBreaker, Definition, Service, ServiceSlot
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceRecord:
-    name: str
-    spec: ServiceSpec
-    created_at: datetime
-    updated_at: datetime
-    circuit_state: CircuitState
-    consecutive_failures: int
-    opened_at: datetime | None
-    in_flight: int
-    version: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class DefinitionRecord:
-    id: int
-    name: str
-    version: int
-    content_hash: str
-    spec: DefinitionSpec
-    created_at: datetime
 
 
 def service_spec(row: Any) -> ServiceSpec:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
 from typing import Any, TypeVar
 
 from sqlalchemy import select, text, tuple_
@@ -14,101 +12,19 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.states import SagaStatus, StepStatus
-from app.store.registry import DefinitionRecord
+from app.core.views import (
+    CancelResult,
+    NewSaga,
+    SagaSummary,
+    SagaView,
+    StartResult,
+    StepSummary,
+    StepView,
+)
 from app.store.tables import IdempotencyKey, Saga, SagaEvent, SagaStep
 
 SAGA_WORK_CHANNEL = "saga_work"
 SAGA_DONE_CHANNEL = "saga_done"
-
-
-@dataclass(frozen=True, slots=True)
-class StepView:
-    name: str
-    status: StepStatus
-    attempts: int
-    compensation_attempts: int
-    status_code: int | None
-    response: Any
-    last_error: dict[str, Any] | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    maybe_applied: bool = False
-    in_flight: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class SagaView:
-    id: uuid.UUID
-    definition: str
-    definition_version: int
-    definition_id: int
-    status: SagaStatus
-    input: Any
-    idempotency_key: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-    error: dict[str, Any] | None
-    deadline_at: datetime | None
-    cancel_requested: bool
-    steps: list[StepView]
-
-
-@dataclass(frozen=True, slots=True)
-class StepSummary:
-    """A step in a list: everything but its response (that is in the saga's own view)."""
-
-    name: str
-    status: StepStatus
-    attempts: int
-    compensation_attempts: int
-    status_code: int | None
-    last_error: dict[str, Any] | None
-    started_at: datetime | None
-    finished_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class SagaSummary:
-    """A saga in a list: no input and no step responses, so that a page costs what its
-    rows cost, not what participants answered (up to 1 MiB per step)."""
-
-    id: uuid.UUID
-    definition: str
-    definition_version: int
-    status: SagaStatus
-    idempotency_key: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-    error: dict[str, Any] | None
-    deadline_at: datetime | None
-    cancel_requested: bool
-    steps: list[StepSummary]
-
-
-class StartResult(Enum):
-    CREATED = "created"
-    REPLAYED = "replayed"
-    MISMATCH = "mismatch"
-
-
-@dataclass(frozen=True, slots=True)
-class NewSaga:
-    definition: DefinitionRecord
-    input: Any
-    idempotency_key: str | None
-    fingerprint: str | None
-    key_ttl_seconds: float
-    request_id: str | None = None
-    traceparent: str | None = None
-
-
-class CancelResult(Enum):
-    ACCEPTED = "accepted"
-    NOT_FOUND = "not_found"
-    TERMINAL = "terminal"
-    PAST_PIVOT = "past_pivot"  # the pivot's call is in flight or has succeeded
 
 
 def _step_view(row: Any) -> StepView:

@@ -118,3 +118,11 @@ class StatsStore:
         async with self.engine.connect() as conn:
             value: datetime = (await conn.execute(text("SELECT now()"))).scalar_one()
         return value
+
+    async def schema_revision(self) -> str | None:
+        """The migration the database is at (raises when it cannot be reached)."""
+        async with self.engine.connect() as conn:
+            value: str | None = (
+                await conn.execute(text("SELECT version_num FROM alembic_version"))
+            ).scalar_one_or_none()
+        return value

@@ -207,7 +207,10 @@ async def test_half_open_lets_exactly_one_probe_through_for_fifty_waiting_sagas(
         for saga_id in ids:
             history = await saga_events(api, saga_id)
             finished = [e["outcome"] for e in history if e["type"] == "attempt_finished"]
-            assert finished == ["succeeded"], history
+            assert finished == ["succeeded"], [
+                (e["type"], e["attempt"], e["outcome"], e["worker"], e["at"], e["message"])
+                for e in history
+            ]
 
 
 async def test_open_circuit_is_respected_by_every_executor(

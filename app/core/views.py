@@ -1,0 +1,151 @@
+"""Read models: what the stores answer and the use cases pass on, as plain values."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from app.core.definition import DefinitionSpec, ServiceSpec
+from app.core.states import CircuitState, DeadLetterStatus, Direction, SagaStatus, StepStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    name: str
+    spec: ServiceSpec
+    created_at: datetime
+    updated_at: datetime
+    circuit_state: CircuitState
+    consecutive_failures: int
+    opened_at: datetime | None
+    in_flight: int
+    version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DefinitionRecord:
+    id: int
+    name: str
+    version: int
+    content_hash: str
+    spec: DefinitionSpec
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StepView:
+    name: str
+    status: StepStatus
+    attempts: int
+    compensation_attempts: int
+    status_code: int | None
+    response: Any
+    last_error: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    maybe_applied: bool = False
+    in_flight: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SagaView:
+    id: uuid.UUID
+    definition: str
+    definition_version: int
+    definition_id: int
+    status: SagaStatus
+    input: Any
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    error: dict[str, Any] | None
+    deadline_at: datetime | None
+    cancel_requested: bool
+    steps: list[StepView]
+
+
+@dataclass(frozen=True, slots=True)
+class StepSummary:
+    """A step in a list: everything but its response (that is in the saga's own view)."""
+
+    name: str
+    status: StepStatus
+    attempts: int
+    compensation_attempts: int
+    status_code: int | None
+    last_error: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SagaSummary:
+    """A saga in a list: no input and no step responses, so that a page costs what its
+    rows cost, not what participants answered (up to 1 MiB per step)."""
+
+    id: uuid.UUID
+    definition: str
+    definition_version: int
+    status: SagaStatus
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    error: dict[str, Any] | None
+    deadline_at: datetime | None
+    cancel_requested: bool
+    steps: list[StepSummary]
+
+
+class StartResult(Enum):
+    CREATED = "created"
+    REPLAYED = "replayed"
+    MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class NewSaga:
+    definition: DefinitionRecord
+    input: Any
+    idempotency_key: str | None
+    fingerprint: str | None
+    key_ttl_seconds: float
+    request_id: str | None = None
+    traceparent: str | None = None
+
+
+class CancelResult(Enum):
+    ACCEPTED = "accepted"
+    NOT_FOUND = "not_found"
+    TERMINAL = "terminal"
+    PAST_PIVOT = "past_pivot"  # the pivot's call is in flight or has succeeded
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterView:
+    id: uuid.UUID
+    saga_id: uuid.UUID
+    definition: str
+    step: str
+    step_idx: int
+    direction: Direction
+    service: str | None
+    attempts: int
+    last_error: dict[str, Any] | None
+    request: dict[str, Any] | None
+    status: DeadLetterStatus
+    reason: str | None
+    created_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None
+
+
+class ActionResult(Enum):
+    DONE = "done"
+    ALREADY = "already"  # the same action was taken before: idempotent success
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"

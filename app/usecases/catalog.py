@@ -1,0 +1,91 @@
+"""Registering and reading participant services and saga definitions."""
+
+from __future__ import annotations
+
+from app.core.definition import (
+    DefinitionSpec,
+    RuleViolation,
+    ServiceSpec,
+    call_urls,
+    check_definition,
+)
+from app.core.hosts import HostPolicy, Verdict, url_host_port
+from app.core.templates import strip_refs
+from app.core.views import DefinitionRecord, ServiceRecord
+from app.participants.network import check_url
+from app.store.registry import Registry
+from app.usecases.errors import Problem
+
+
+class Catalog:
+    def __init__(self, registry: Registry, hosts: HostPolicy) -> None:
+        self.registry = registry
+        self.hosts = hosts
+
+    async def put_service(
+        self, name: str, spec: ServiceSpec, actor: str
+    ) -> tuple[ServiceRecord, bool]:
+        """Register or replace a service (True: it is new); audited with `actor`. Its
+        `base_url` must be allowed by SAGA_ALLOWED_HOSTS, as written (422)."""
+        refused = await check_url(self.hosts, *url_host_port(spec.base_url))
+        if refused:
+            raise Problem(
+                422,
+                f"base_url is not allowed: {refused}",
+                slug="host-not-allowed",
+                errors=[{"loc": ["body", "base_url"], "msg": refused, "type": "value_error"}],
+            )
+        return await self.registry.put_service(name, spec, actor)
+
+    async def register_definition(
+        self, spec: DefinitionSpec, actor: str
+    ) -> tuple[DefinitionRecord, bool]:
+        """Store a new version unless the latest has the same content (True: created);
+        every rule that spans fields or needs the registry is checked first (422)."""
+        wanted = {
+            s.service for st in spec.steps for s in (st.action, st.compensation) if s and s.service
+        }
+        known = await self.registry.service_names(wanted)
+        violations = check_definition(spec, known, self.hosts)
+        for loc, url in call_urls(spec):  # names no DNS pattern names: resolved now
+            host, port = url_host_port(strip_refs(url))
+            if self.hosts.written(host, port).verdict is Verdict.CHECK_ADDRESSES:
+                refused = await check_url(self.hosts, host, port)
+                if refused:
+                    violations.append(RuleViolation(loc, f"{url!r} is not allowed: {refused}"))
+        if violations:
+            raise Problem(
+                422,
+                "; ".join(v.msg for v in violations[:5]),
+                slug="invalid-definition",
+                errors=[
+                    {"loc": ["body", *v.loc], "msg": v.msg, "type": "value_error"}
+                    for v in violations
+                ],
+            )
+        return await self.registry.register_definition(spec, actor)
+
+    async def service(self, name: str) -> ServiceRecord:
+        record = await self.registry.get_service(name)
+        if record is None:
+            raise Problem(404, f"no service named '{name}'", slug="unknown-service")
+        return record
+
+    async def services(self, limit: int, after: str | None) -> list[ServiceRecord]:
+        return await self.registry.list_services(limit, after)
+
+    async def definition(self, name: str, version: int | None = None) -> DefinitionRecord:
+        record = await self.registry.get_definition(name, version)
+        if record is None:
+            if version is None:
+                raise Problem(404, f"no definition named '{name}'", slug="unknown-definition")
+            raise Problem(
+                404, f"definition '{name}' has no version {version}", slug="unknown-version"
+            )
+        return record
+
+    async def find_definition(self, name: str, version: int) -> DefinitionRecord | None:
+        return await self.registry.get_definition(name, version)
+
+    async def definitions(self, limit: int, after: str | None) -> list[DefinitionRecord]:
+        return await self.registry.list_definitions(limit, after)

@@ -1,0 +1,206 @@
+"""Starting, reading, following and cancelling sagas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from app.core.states import SagaStatus
+from app.core.views import CancelResult, NewSaga, SagaSummary, SagaView, StartResult
+from app.store.admin import AdminStore
+from app.store.listen import SagaWaiters
+from app.store.registry import Registry
+from app.store.sagas import SagaStore
+from app.usecases.errors import Problem
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+MAX_WAIT_SECONDS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    definition: str
+    version: int | None
+    input: Any
+    idempotency_key: str | None = None
+    traceparent: str | None = None
+    request_id: str | None = None
+    fail_fast: bool = False
+
+
+def fingerprint(request: StartRequest) -> str:
+    """What an idempotency key is bound to: definition, requested version and input."""
+    canonical = json.dumps(
+        {"definition": request.definition, "version": request.version, "input": request.input},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _unknown_saga(saga_id: uuid.UUID) -> Problem:
+    return Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
+
+
+class Sagas:
+    def __init__(
+        self,
+        store: SagaStore,
+        registry: Registry,
+        admin: AdminStore,
+        waiters: SagaWaiters,
+        key_ttl_seconds: float,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.admin = admin
+        self.waiters = waiters
+        self.key_ttl_seconds = key_ttl_seconds
+
+    async def start(self, request: StartRequest) -> tuple[StartResult, SagaView]:
+        """Create a saga (or find the one this Idempotency-Key created).
+
+        With a key, the first request creates the saga and every later one with the same
+        definition and input gets it back (`REPLAYED`); the same key with anything else
+        is refused (422). Any number of concurrent requests with one key create one saga.
+        """
+        key = request.idempotency_key
+        if key is not None and not IDEMPOTENCY_KEY.match(key):
+            raise Problem(
+                422,
+                "Idempotency-Key must be 1-255 printable ASCII characters",
+                slug="bad-key",
+                errors=[
+                    {
+                        "loc": ["header", "Idempotency-Key"],
+                        "msg": "1-255 printable characters",
+                        "type": "value_error",
+                    }
+                ],
+            )
+        definition = await self.registry.get_definition(request.definition, request.version)
+        if definition is None:
+            what = f"version {request.version} of " if request.version else ""
+            raise Problem(
+                422,
+                f"there is no {what}definition '{request.definition}'",
+                slug="unknown-definition",
+                errors=[
+                    {
+                        "loc": ["body", "definition"],
+                        "msg": "unknown definition",
+                        "type": "value_error",
+                    }
+                ],
+            )
+        first = definition.spec.steps[0].action.service
+        if request.fail_fast and first is not None:
+            wait = await self.admin.circuit_wait_seconds(first)
+            if wait is not None:
+                raise Problem(
+                    503,
+                    f"the circuit of service '{first}' is open; retry after {wait:.0f}s",
+                    slug="circuit-open",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        trace = request.traceparent
+        result, saga_id = await self.store.start(
+            NewSaga(
+                definition=definition,
+                input=request.input,
+                idempotency_key=key,
+                fingerprint=fingerprint(request) if key is not None else None,
+                key_ttl_seconds=self.key_ttl_seconds,
+                request_id=request.request_id,
+                traceparent=trace if trace and _TRACEPARENT.match(trace) else None,
+            )
+        )
+        if result is StartResult.MISMATCH:
+            raise Problem(
+                422,
+                "this Idempotency-Key was used with a different definition or input",
+                slug="idempotency-key-reused",
+            )
+        return result, await self.get(saga_id)
+
+    async def get(self, saga_id: uuid.UUID) -> SagaView:
+        view = await self.store.get(saga_id)
+        if view is None:
+            raise _unknown_saga(saga_id)
+        return view
+
+    async def wait(self, saga_id: uuid.UUID, seconds: float) -> SagaView:
+        """The saga as soon as it is terminal, or after `seconds` (long-poll)."""
+        if seconds <= 0:
+            return await self.get(saga_id)
+        # Register before reading so that a notification between the two is not missed.
+        event = self.waiters.register(str(saga_id))
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(seconds, MAX_WAIT_SECONDS)
+            while True:
+                event.clear()  # before reading: a notification during the read is kept
+                saga = await self.get(saga_id)
+                remaining = deadline - loop.time()
+                if saga.status.terminal or remaining <= 0:
+                    return saga
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=remaining)
+        finally:
+            self.waiters.unregister(str(saga_id), event)
+
+    async def page(
+        self,
+        limit: int,
+        status: SagaStatus | None,
+        definition: str | None,
+        before: tuple[datetime, uuid.UUID] | None,
+    ) -> list[SagaSummary]:
+        return await self.store.list_page(limit, status, definition, before)
+
+    async def find(self, query: str) -> SagaView | None:
+        """A saga by its id or its idempotency key (the dashboard's search)."""
+        try:
+            saga_id: uuid.UUID | None = uuid.UUID(query)
+        except ValueError:
+            saga_id = await self.store.find_by_key(query)
+        return await self.store.get(saga_id) if saga_id else None
+
+    async def schedule(self, saga_id: uuid.UUID) -> dict[str, Any]:
+        """The executor's side of a saga (due time, wait reason, lease), for operators."""
+        return await self.store.schedule(saga_id) or {}
+
+    async def events(
+        self, saga_id: uuid.UUID, limit: int, after: int | None
+    ) -> list[dict[str, Any]]:
+        if await self.store.status(saga_id) is None:
+            raise _unknown_saga(saga_id)
+        return await self.store.events(saga_id, limit, after)
+
+    async def cancel(self, saga_id: uuid.UUID) -> SagaView:
+        """Stop forward progress and compensate. The pivot rule is the store's one
+        statement: refused while the pivot's call is in flight and once it succeeded."""
+        result = await self.store.request_cancel(saga_id)
+        if result is CancelResult.NOT_FOUND:
+            raise _unknown_saga(saga_id)
+        if result is CancelResult.TERMINAL:
+            saga = await self.get(saga_id)
+            raise Problem(409, f"saga is already {saga.status.value}", slug="saga-terminal")
+        if result is CancelResult.PAST_PIVOT:
+            raise Problem(
+                409,
+                "the saga's pivot step is in flight or has succeeded: past the point of no "
+                "return it can only go forward",
+                slug="past-pivot",
+            )
+        return await self.get(saga_id)
