@@ -1,13 +1,21 @@
-# The orchestrator against an external PostgreSQL (set DATABASE_URL).
-FROM python:3.12-slim
-WORKDIR /srv
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-COPY pyproject.toml README.md alembic.ini ./
+# The orchestrator against an external PostgreSQL (set DATABASE_URL, SAGA_ADMIN_TOKEN,
+# SAGA_API_TOKEN and SAGA_ALLOWED_HOSTS: it refuses to listen off loopback without a
+# strong admin token). The image holds the installed wheel, not a checkout.
+FROM python:3.12-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
 COPY app ./app
 COPY migrations ./migrations
-RUN pip install --no-cache-dir -e . \
+COPY examples ./examples
+RUN pip wheel --no-cache-dir --no-deps -w /wheels .
+
+FROM python:3.12-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
  && useradd --system --uid 10001 saga
 USER saga
+WORKDIR /home/saga
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"

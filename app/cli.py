@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _exit_cleanly)
     if args.command == "demo":
-        from app.demo import run_demo
+        from examples.demo import run_demo
 
         sys.exit(run_demo(settings, args.port, fast=args.fast, exit_after=args.exit))
     logs.configure(settings.log_format, settings.log_level)

@@ -80,6 +80,11 @@ class SagaClient:
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Any call, with the same retries; the answer's JSON body. Only for calls that
+        are safe to repeat (reads, and writes that are idempotent by design)."""
+        return (await self._request(method, path, **kwargs)).json()
+
     async def put_service(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         response = await self._request("PUT", f"/v1/services/{name}", json=spec)
         result: dict[str, Any] = response.json()

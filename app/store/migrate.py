@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
+from collections.abc import Iterator
+from importlib import resources
 
 from alembic import command
 from alembic.config import Config
@@ -10,27 +12,38 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# The top-level migrations/ folder, shipped in the package as `app.migrations` (see
+# pyproject.toml): found the same way in a checkout and in an installed wheel.
+MIGRATIONS = resources.files("app.migrations")
 
 
-def alembic_config(url: str) -> Config:
+@contextlib.contextmanager
+def _script_location() -> Iterator[str]:
+    with resources.as_file(MIGRATIONS) as path:
+        yield str(path)
+
+
+def alembic_config(url: str, location: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", location)
     config.attributes["url"] = url
     return config
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    with _script_location() as location:
+        command.upgrade(alembic_config(url, location), revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
-    command.downgrade(alembic_config(url), revision)
+    with _script_location() as location:
+        command.downgrade(alembic_config(url, location), revision)
 
 
 def head_revision() -> str | None:
-    script = ScriptDirectory.from_config(alembic_config("postgresql://unused"))
-    return script.get_current_head()
+    with _script_location() as location:
+        script = ScriptDirectory.from_config(alembic_config("postgresql://unused", location))
+        return script.get_current_head()
 
 
 def current_revision(connection: Connection) -> str | None:

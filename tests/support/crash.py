@@ -7,11 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -23,7 +19,9 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tests.support.servers import Participant, Reply, free_port
+from examples.launcher import Launcher as BaseLauncher
+from examples.launcher import Proc as Proc
+from tests.support.servers import Participant, Reply
 
 ADMIN_TOKEN = "crash-admin-token"
 TERMINAL = ("completed", "compensated", "failed")
@@ -103,149 +101,22 @@ class TrackingParticipant(Participant):
             self.open_keys[key] -= 1
 
 
-# --- orchestrator processes ------------------------------------------------------------
+# --- orchestrator processes (the demo's launcher, with the tests' settings) -------------
+
+TEST_DEFAULTS = {
+    "SAGA_ADMIN_TOKEN": ADMIN_TOKEN,
+    "SAGA_LOG_FORMAT": "console",
+    "SAGA_LEASE_SECONDS": "2",
+    "SAGA_POLL_INTERVAL": "0.2",
+    "SAGA_SHUTDOWN_GRACE": "2",
+}
 
 
-@dataclass
-class Proc:
-    """One `python -m app …` subprocess with its output in a file."""
-
-    name: str
-    command: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    port: int | None
-    started: float
-    signalled_at: float | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def url(self) -> str:
-        assert self.port is not None, f"{self.name} serves no HTTP"
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self, tail: int = 150) -> str:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no output)"
-        return "\n".join(lines[-tail:])
-
-    def owns(self, worker: str | None) -> bool:
-        """Whether an event's `worker` id (host:pid:random) belongs to this process."""
-        return worker is not None and worker.split(":")[-2:-1] == [str(self.pid)]
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.signalled_at = time.monotonic()
-            self.popen.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        if self.popen.poll() is None:
-            self.signalled_at = time.monotonic()
-            self.popen.send_signal(signal.SIGTERM)
-
-    async def wait_exit(self, seconds: float) -> int:
-        deadline = time.monotonic() + seconds
-        while self.popen.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{self.name} (pid {self.pid}) still running after {seconds}s\n{self.output()}"
-                )
-            await asyncio.sleep(0.05)
-        return self.popen.returncode
-
-
-class Launcher:
-    """Starts orchestrator processes against one database; kills them all at the end."""
+class Launcher(BaseLauncher):
+    """The shared launcher with short leases and the test admin token."""
 
     def __init__(self, db_url: str, workdir: Path) -> None:
-        self.db_url = db_url
-        self.workdir = workdir
-        self.procs: list[Proc] = []
-
-    def start(self, command: str, name: str | None = None, **env: Any) -> Proc:
-        name = name or f"{command}{len(self.procs)}"
-        base = {
-            k: v for k, v in os.environ.items() if not k.startswith("SAGA_") and k != "DATABASE_URL"
-        }
-        base.update(
-            {
-                "DATABASE_URL": self.db_url,
-                "SAGA_ADMIN_TOKEN": ADMIN_TOKEN,
-                "SAGA_LOG_FORMAT": "console",
-                "SAGA_LEASE_SECONDS": "2",
-                "SAGA_POLL_INTERVAL": "0.2",
-                "SAGA_SHUTDOWN_GRACE": "2",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        base.update({k: str(v) for k, v in env.items()})
-        args = [sys.executable, "-m", "app", command]
-        port = None
-        if command in ("serve", "api"):
-            port = free_port()
-            args += ["--port", str(port)]
-        log = self.workdir / f"{name}.log"
-        with log.open("ab") as out:
-            out.write(f"$ {' '.join(args)}  env: {env}\n".encode())
-            out.flush()
-            popen = subprocess.Popen(
-                args,
-                cwd=self.workdir,  # no stray .env file
-                env=base,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        proc = Proc(name, command, popen, log, port, time.monotonic())
-        self.procs.append(proc)
-        return proc
-
-    async def ready(self, proc: Proc, seconds: float = 40) -> None:
-        """Wait until an HTTP process answers /readyz, or a worker's executor has started."""
-        deadline = time.monotonic() + seconds
-        async with httpx.AsyncClient(timeout=2) as client:
-            while True:
-                if proc.popen.poll() is not None:
-                    raise AssertionError(
-                        f"{proc.name} exited with {proc.popen.returncode}\n{proc.output()}"
-                    )
-                if proc.port is not None:
-                    with contextlib.suppress(httpx.HTTPError):
-                        r = await client.get(proc.url + "/readyz")
-                        if r.status_code == 200:
-                            return
-                elif "executor started" in proc.output(tail=1_000_000):
-                    return
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{proc.name} not ready after {seconds}s\n{proc.output()}")
-                await asyncio.sleep(0.1)
-
-    async def start_ready(self, command: str, name: str | None = None, **env: Any) -> Proc:
-        proc = self.start(command, name, **env)
-        await self.ready(proc)
-        return proc
-
-    def dump(self) -> str:
-        parts = []
-        for p in self.procs:
-            parts.append(
-                f"===== {p.name}: {p.command} pid={p.pid} rc={p.popen.poll()} =====\n{p.output()}"
-            )
-        return "\n".join(parts)
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.popen.poll() is None:
-                p.popen.kill()
-        for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.popen.wait(timeout=10)
+        super().__init__(db_url, workdir, TEST_DEFAULTS)
 
 
 def client_for(proc: Proc) -> httpx.AsyncClient:

@@ -1,348 +1,34 @@
-"""`saga-orchestrator demo`: the classic checkout problem, solved in front of you.
-
-Payment succeeded, order creation failed: refund the payment. The demo starts the
-database (embedded unless DATABASE_URL is set), four participant services from
-`examples.checkout` in this process, and the orchestrator as a real `serve` subprocess;
-then it breaks things on purpose and shows each saga ending where it should:
-
-  (a) three happy checkouts complete;
-  (b) orders refuses the order: the saga compensates and the payment is refunded;
-  (c) notifications is down: the order still completes, the receipt is dead-lettered;
-  (d) inventory fails and slows down: its circuit opens, closes again, sagas complete;
-  (e) the orchestrator is SIGKILLed with sagas in flight: restarted, it finishes them,
-      and every participant applied each effect exactly once.
-
-Then it prints a report and keeps everything running until Ctrl-C (`--exit` stops at
-once; the exit status says whether every scenario passed).
-"""
+"""The demo's scenarios: each starts checkouts, breaks something on purpose, and checks
+that every saga ended where it should and every effect happened exactly once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
-import secrets
-import signal
-import socket
-import subprocess
-import sys
 import time
-import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TextIO
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import uvicorn
-from fastapi import FastAPI
 
-from app import logs
 from app.client import TERMINAL, ApiError, SagaClient
-from app.settings import Settings, libpq_url
-from app.store.db import Database
-from app.store.migrate import upgrade
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from examples.demo import Orchestrator, Timing
 
 PARTICIPANTS = ("payments", "orders", "inventory", "notifications")
+LEASE_SECONDS = 3  # the demo orchestrator's lease: how soon a killed one's sagas resume
 DEFINITION = "checkout"
-LEASE_SECONDS = 3
 
 
-class DemoError(Exception):
-    """Something the demo needs did not work; the message says what."""
+def say(text: str = "") -> None:
+    print(text, flush=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """How long things take; `--fast` shrinks them for the tests."""
-
-    slow_call: float  # participant delay while the orchestrator gets killed (e)
-    inventory_delay: float  # inventory's slowness while it fails (d)
-    recovery_timeout: float  # inventory's circuit breaker (d)
-    pause: float  # between scenarios, so that a person can follow along
-
-
-FAST = Timing(slow_call=0.5, inventory_delay=0.2, recovery_timeout=1.5, pause=0.0)
-NORMAL = Timing(slow_call=0.8, inventory_delay=0.3, recovery_timeout=3.0, pause=0.8)
-
-
-def say(text: str = "", out: TextIO | None = None) -> None:
-    print(text, file=out or sys.stdout, flush=True)
-
-
-# --- entry point -----------------------------------------------------------------------
-
-
-def run_demo(settings: Settings, port: int, fast: bool = False, exit_after: bool = False) -> int:
-    """Run the demo; the exit status is 0 when every scenario passed."""
-    # The demo talks to a person: its own lines on stdout, only warnings from libraries.
-    logs.configure("console", "WARNING")
-    if not _port_free(port):
-        say(f"Port {port} is already in use; choose another one with --port.", sys.stderr)
-        return 2
-    say("Saga orchestrator demo: checkout = charge the card, score fraud, create the order,")
-    say("reserve stock, email a receipt. Then we break things and watch every order end")
-    say("consistent.\n")
-    if settings.database_url:
-        say(f"  database      {_redact(settings.database_url)} (DATABASE_URL)")
-    else:
-        say(f"  database      starting embedded PostgreSQL in {settings.data_dir.resolve()} ...")
-    from app.cli import start_database, stop_database
-
-    database: Database | None = None
-    try:
-        database = start_database(settings)
-        upgrade(database.url)
-        log_path = settings.data_dir.resolve() / "demo-orchestrator.log"
-        timing = FAST if fast else NORMAL
-        return asyncio.run(_main(settings, log_path, database, port, timing, exit_after))
-    except (KeyboardInterrupt, SystemExit):
-        say("\nStopped.")
-        return 0  # stopped on request (Ctrl-C or SIGTERM before the scenarios ran)
-    finally:
-        if database is not None:
-            embedded = database.embedded is not None
-            stop_database(database)
-            if embedded:
-                say("Embedded PostgreSQL stopped.")
-
-
-async def _main(
-    settings: Settings,
-    log_path: Path,
-    database: Database,
-    port: int,
-    timing: Timing,
-    exit_after: bool,
-) -> int:
-    """Run the demo as a task that Ctrl-C / SIGTERM cancels; clean up either way."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    state = _Outcome()
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            work = asyncio.create_task(
-                _demo(settings, log_path, database, port, timing, exit_after, stack, state, stop)
-            )
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not work.done():
-                say("\nStopping ...")
-                work.cancel()
-            try:
-                await work
-            except asyncio.CancelledError:
-                pass
-            except (DemoError, ApiError, httpx.HTTPError) as exc:
-                say(f"\nThe demo could not go on: {exc}", sys.stderr)
-                state.code = 1
-            # The exit stack now stops the orchestrator and the participants.
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN)  # shutting down: the database stops next
-    # Stopped by a signal before the report: that is what was asked for, not a failure.
-    return 0 if state.code is None else state.code
-
-
-@dataclass
-class _Outcome:
-    code: int | None = None  # set once the report is printed (or the demo failed)
-
-
-async def _demo(
-    settings: Settings,
-    log_path: Path,
-    database: Database,
-    port: int,
-    timing: Timing,
-    exit_after: bool,
-    stack: contextlib.AsyncExitStack,
-    outcome: _Outcome,
-    stop: asyncio.Event,
-) -> None:
-    token = settings.admin_token or secrets.token_hex(16)
-    urls: dict[str, str] = {}
-    from examples.checkout import FACTORIES  # the example is not needed by `serve`
-
-    dsn = libpq_url(database.url)
-    for name in PARTICIPANTS:
-        urls[name] = await _start_participant(FACTORIES[name](dsn), name, stack)
-    say("  participants  " + "  ".join(f"{n} {u}" for n, u in urls.items()))
-
-    orchestrator = Orchestrator(port, database.url, token, log_path)
-    stack.push_async_callback(orchestrator.stop)
-    orchestrator.start()
-    await orchestrator.wait_ready()
-    say(f"  orchestrator  {orchestrator.url} (pid {orchestrator.pid}; its log: {log_path})")
-
-    client = await stack.enter_async_context(SagaClient(orchestrator.url, token))
-    http = await stack.enter_async_context(
-        httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {token}"})
-    )
-    demo = Demo(client, http, urls, orchestrator, timing, run=uuid.uuid4().hex[:8])
-    await demo.register()
-    say(f"  registered    services {', '.join(PARTICIPANTS)}; definition '{DEFINITION}'")
-
-    results: list[Result] = []
-    for key, title, scenario in SCENARIOS:
-        results.append(await demo.play(key, title, scenario))
-        await asyncio.sleep(timing.pause)
-    _report(results, orchestrator.url, token)
-    passed = all(r.passed for r in results)
-    outcome.code = 0 if passed else 1
-    if exit_after:
-        return
-    _try_it(orchestrator.url, token, urls)
-    while orchestrator.alive and not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=0.5)
-    if not orchestrator.alive:
-        say(f"\nThe orchestrator exited (code {orchestrator.returncode}); see {log_path}.")
-
-
-# --- processes and servers -------------------------------------------------------------
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the demo owns SIGINT and SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-async def _start_participant(app: FastAPI, name: str, stack: contextlib.AsyncExitStack) -> str:
-    """Serve an app on a free 127.0.0.1 port in this event loop; returns its URL."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_config=None, lifespan="on", access_log=False
-    )
-    server = _QuietServer(config)
-    task = asyncio.create_task(server.serve(), name=f"participant-{name}")
-
-    async def shutdown() -> None:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(task, timeout=10)
-
-    stack.push_async_callback(shutdown)
-    while not server.started:
-        if task.done():
-            task.result()
-            raise DemoError(f"the {name} participant did not start (see the errors above)")
-        await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-class Orchestrator:
-    """`python -m app serve` as a child process, against the demo's database."""
-
-    def __init__(self, port: int, database_url: str, admin_token: str, log_path: Path) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.database_url = database_url
-        self.admin_token = admin_token
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid if self.process else 0
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.poll() if self.process else None
-
-    def start(self) -> None:
-        env = dict(os.environ)
-        env.pop("SAGA_FAILPOINT", None)
-        env.setdefault("SAGA_LOG_FORMAT", "console")
-        env.update(
-            {
-                "DATABASE_URL": self.database_url,
-                "SAGA_ADMIN_TOKEN": self.admin_token,
-                "SAGA_LEASE_SECONDS": str(LEASE_SECONDS),
-                "SAGA_POLL_INTERVAL": "0.25",
-                "SAGA_SHUTDOWN_GRACE": "3",
-                "SAGA_ALLOWED_HOSTS": "127.0.0.1",  # the participants live here, nowhere else
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "app", "serve", "--port", str(self.port)]
-        with self.log_path.open("ab") as out:
-            out.write(f"\n$ {' '.join(args)}\n".encode())
-            out.flush()
-            self.process = subprocess.Popen(
-                args, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-            )
-
-    async def wait_ready(self, within: float = 90.0) -> None:
-        deadline = time.monotonic() + within
-        async with httpx.AsyncClient(timeout=2) as http:
-            while True:
-                if not self.alive:
-                    raise DemoError(
-                        f"the orchestrator exited with code {self.returncode}; see {self.log_path}"
-                    )
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"{self.url}/readyz")).status_code == 200:
-                        return
-                if time.monotonic() > deadline:
-                    raise DemoError(f"the orchestrator is not ready after {within:.0f}s")
-                await asyncio.sleep(0.1)
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye, no drain, leases left behind."""
-        if self.process is not None and self.alive:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    async def stop(self) -> None:
-        """SIGTERM, a graceful drain, then SIGKILL if it takes too long."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            await asyncio.to_thread(process.wait, 15)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
-
-
-# --- the scenarios ---------------------------------------------------------------------
+class Check(Exception):
+    """A scenario's expectation did not hold."""
 
 
 @dataclass
@@ -353,10 +39,6 @@ class Result:
     summary: str = ""
     saga_ids: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-
-class Check(DemoError):
-    """A scenario's expectation did not hold."""
 
 
 class Demo:
@@ -428,19 +110,12 @@ class Demo:
     # --- the orchestrator ------------------------------------------------------------
 
     async def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        """An orchestrator call that survives a restart's dropped connections."""
-        for attempt in range(20):
-            try:
-                response = await self.http.request(method, self.orchestrator.url + path, **kwargs)
-            except httpx.TransportError:
-                if attempt == 19:
-                    raise
-                await asyncio.sleep(0.25)
-                continue
-            if response.status_code >= 400:
-                raise Check(f"{method} {path} answered {response.status_code}: {response.text}")
-            return response.json()
-        raise AssertionError("unreachable")  # pragma: no cover
+        """An orchestrator call through the typed client, which rides out a restart's
+        dropped connections (every call the demo makes is safe to repeat)."""
+        try:
+            return await self.client.request(method, path, **kwargs)
+        except ApiError as exc:
+            raise Check(f"{method} {path} answered {exc}") from None
 
     async def start(self, label: str, count: int) -> list[str]:
         """Start `count` checkouts at once; returns the saga ids."""
@@ -702,40 +377,3 @@ SCENARIOS: list[tuple[str, str, Callable[[Demo], Awaitable[str]]]] = [
     ("d", "Inventory slow and failing, then recovering: its circuit breaker", inventory_flaky),
     ("e", "The orchestrator is killed (SIGKILL) mid-run and restarted", orchestrator_killed),
 ]
-
-
-def _try_it(base_url: str, token: str, urls: dict[str, str]) -> None:
-    body = (
-        '{"definition": "checkout", "input": {"amount": 42, '
-        '"items": [{"sku": "tea", "qty": 1}], "email": "you@example.com"}}'
-    )
-    say("\nEverything keeps running. Try it yourself:")
-    say(f"  curl -s -X POST {base_url}/v1/sagas -H 'Authorization: Bearer {token}' \\")
-    say("       -H 'Content-Type: application/json' -H 'Idempotency-Key: my-order-1' \\")
-    say(f"       -d '{body}'")
-    chaos = f"curl -s -X POST {urls['orders']}/_chaos -H 'Content-Type: application/json'"
-    say(f"  {chaos} -d '{{\"fail_status\": 400}}'   # orders fails")
-    say(f"  {chaos} -d '{{}}'                      # healed")
-    say("Press Ctrl-C to stop.")
-
-
-def _report(results: list[Result], base_url: str, token: str) -> None:
-    say("\n" + "=" * 78)
-    say("Report")
-    for r in results:
-        links = [f"{base_url}/admin/sagas/{saga_id}" for saga_id in r.saga_ids]
-        verdict = "PASS" if r.passed else "FAIL"
-        text = r.summary if r.passed else "; ".join(r.problems)
-        say(f"  {verdict}  ({r.key}) {text}")
-        for link in links:
-            say(f"              {link}")
-    passed = sum(r.passed for r in results)
-    say("")
-    say(f"  Dashboard     {base_url}/admin  (log in with the admin token)")
-    say(f"  Admin token   {token}")
-    say(f"  API docs      {base_url}/docs")
-    if passed == len(results):
-        say(f"  All {len(results)} scenarios passed.")
-    else:
-        say(f"  {len(results) - passed} of {len(results)} scenarios FAILED.")
-    say("=" * 78)
