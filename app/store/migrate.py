@@ -40,9 +40,15 @@ def downgrade(url: str, revision: str = "base") -> None:
         command.downgrade(alembic_config(url, location), revision)
 
 
-def head_revision() -> str | None:
+@contextlib.contextmanager
+def script_directory() -> Iterator[ScriptDirectory]:
+    """The migrations as Alembic sees them (revisions, heads)."""
     with _script_location() as location:
-        script = ScriptDirectory.from_config(alembic_config("postgresql://unused", location))
+        yield ScriptDirectory.from_config(alembic_config("postgresql://unused", location))
+
+
+def head_revision() -> str | None:
+    with script_directory() as script:
         return script.get_current_head()
 
 

@@ -173,12 +173,10 @@ async def test_readyz_behind_head(empty_db: str) -> None:
 
 def _all_revisions() -> list[str]:
     """Revision ids from base to head."""
-    from alembic.script import ScriptDirectory
+    from app.store.migrate import script_directory
 
-    from app.store.migrate import alembic_config
-
-    script = ScriptDirectory.from_config(alembic_config("postgresql://unused"))
-    return [s.revision for s in reversed(list(script.walk_revisions()))]
+    with script_directory() as script:
+        return [s.revision for s in reversed(list(script.walk_revisions()))]
 
 
 def test_database_url_forms(empty_db: str) -> None:
