@@ -3,9 +3,11 @@ the core's `Commit` values with guarded statements (SQL in `engine_sql`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import text
@@ -63,6 +65,13 @@ class PgSagaRepository:
         self.worker = worker_id
         self.lease = lease_seconds
         self._registry = Registry(engine)
+        # Admissions (claims, attempt starts) may queue on a service's gate rows; they
+        # get at most half of the pool, so that an outcome commit or a lease renewal
+        # never waits for a connection behind them. Without this, fifty sagas retrying a
+        # busy half-open gate held every connection while the probe's own outcome waited
+        # for one until its lease ran out.
+        size = engine.pool.size() if hasattr(engine.pool, "size") else 2
+        self._admissions = asyncio.Semaphore(max(1, size // 2 + size % 2))
 
     def _fence(self, lease: Lease) -> dict[str, Any]:
         return {"id": lease.saga_id, "worker": self.worker, "epoch": lease.epoch}
@@ -70,7 +79,7 @@ class PgSagaRepository:
     # --- claiming ---------------------------------------------------------------------
 
     async def claim(self, limit: int) -> list[Claimed]:
-        async with self.engine.begin() as conn:
+        async with self._admissions, self.engine.begin() as conn:
             rows = (
                 await conn.execute(
                     sql.CLAIM, {"worker": self.worker, "lease": self.lease, "limit": limit}
@@ -141,12 +150,16 @@ class PgSagaRepository:
             "pivot": start.pivot,
         }
         if start.service is not None and start.passage is Passage.PROBE:
-            return await self._start_probe(lease, start, params)
+            async with self._admissions:
+                probed = await self._start_probe(lease, start, params)
+            if isinstance(probed, Refused) and probed.reason is Refusal.STALE:
+                return replace(probed, service=await self.service(start.service))
+            return probed
         statement = sql.START_PLAIN
         if start.service is not None:
             statement = sql.START_CALL
             params.update(service=start.service, version=start.version)
-        async with self.engine.begin() as conn:
+        async with self._admissions, self.engine.begin() as conn:
             row = (await conn.execute(statement, params)).one()
         if row.attempt is not None:
             return Started(int(row.attempt), row.db_now)
@@ -177,7 +190,7 @@ class PgSagaRepository:
                 return Refused(Refusal.CANCELLED_FIRST, row.db_now)
             if int(row.version) != start.version or _breaker(row) != start.breaker:
                 await conn.rollback()
-                return Refused(Refusal.STALE, row.db_now, await self.service(start.service))
+                return Refused(Refusal.STALE, row.db_now, None)  # the caller reads it afresh
             after = start.breaker_after
             if after is not None and after != start.breaker:
                 await self._write_breaker(conn, BreakerChange(start.service, _breaker(row), after))
