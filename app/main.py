@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlencode
 
@@ -19,17 +20,21 @@ from app.api import admin_routes, health, problems, registry_routes, saga_routes
 from app.api.auth import Tokens
 from app.api.context import AppContext
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, V1GuardMiddleware
-from app.core.states import WaitReason
+from app.core.commit import SagaState, StepState
+from app.core.states import SagaStatus, StepStatus, WaitReason
+from app.core.views import Handoff, NewSaga, SagaDocument
 from app.dashboard import routes as dashboard_routes
 from app.dashboard.auth import LoginLimiter
-from app.engine.ports import Caller, Lease
+from app.engine.ports import Caller, Claimed, Lease
 from app.engine.runner import EngineConfig, Executor, new_worker_id
 from app.logs import known_secrets
 from app.participants.client import ParticipantClient
 from app.settings import Settings
 from app.store.admin import AdminStore
 from app.store.db import make_engine
+from app.store.documents import SagaDocuments
 from app.store.listen import Listener, SagaWaiters
+from app.store.pool import open_pool
 from app.store.registry import Registry
 from app.store.repository import PgSagaRepository
 from app.store.sagas import SAGA_DONE_CHANNEL, SAGA_WORK_CHANNEL, SagaStore
@@ -92,6 +97,7 @@ def build_executor(
     metrics: Metrics | None = None,
     tracing: Tracing | None = None,
     on_denied: Callable[[Lease, WaitReason], None] | None = None,
+    on_finished: Callable[[uuid.UUID], None] | None = None,
 ) -> Executor:
     """An executor on PostgreSQL, calling participants over HTTP through the host policy."""
     worker_id = worker_id or new_worker_id()
@@ -103,7 +109,43 @@ def build_executor(
         metrics=metrics,
         tracing=tracing,
         on_denied=on_denied,
+        on_finished=on_finished,
     )
+
+
+class LocalHandoff:
+    """`serve`: the API hands each new saga to the executor of its own process, leased
+    to it in the very statement that creates the saga, so no claim and no notification
+    stand between a start and its first call."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+
+    def handoff(self) -> Handoff | None:
+        if not self.executor.has_room():
+            return None  # it is claimed by whichever executor has room, as usual
+        return Handoff(self.executor.worker_id, self.executor.config.lease_seconds)
+
+    def adopt(self, new: NewSaga, document: SagaDocument) -> None:
+        spec = new.definition.spec
+        assert document.db_now is not None
+        state = SagaState(
+            SagaStatus.RUNNING,
+            tuple(StepState(s.name, StepStatus.PENDING) for s in spec.steps),
+            deadline_at=document.deadline_at,
+        )
+        claimed = Claimed(
+            lease=Lease(document.id, 1),
+            definition_id=new.definition.id,
+            definition_name=new.definition.name,
+            input=new.input,
+            request_id=new.request_id,
+            traceparent=document.traceparent,
+            deadline_at=document.deadline_at,
+            state=state,
+            db_now=document.db_now,
+        )
+        self.executor.adopt(claimed, spec)
 
 
 async def run_executor_until(
@@ -137,17 +179,31 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(database_url, settings.db_pool_size, settings.lease_seconds)
+        pool = await open_pool(database_url, settings.db_pool_size, settings.lease_seconds)
         waiters = SagaWaiters()
         registry = Registry(engine)
         admin = AdminStore(engine)
+        stop = asyncio.Event()
+        executor = None
+        if run_executor:
+            executor = build_executor(
+                settings,
+                engine,
+                caller=participant_client,
+                metrics=metrics,
+                tracing=tracing,
+                on_finished=lambda saga_id: waiters.notify(str(saga_id)),
+            )
         app.state.ctx = AppContext(
             settings=settings,
             sagas=Sagas(
                 SagaStore(engine),
+                SagaDocuments(pool),
                 registry,
                 admin,
                 waiters,
                 settings.idempotency_ttl_hours * 3600,
+                local=LocalHandoff(executor) if executor is not None else None,
             ),
             catalog=Catalog(registry, settings.host_policy),
             ops=Operations(admin, StatsStore(engine), registry, SessionStore(engine)),
@@ -159,12 +215,8 @@ def create_app(
             database_url, [SAGA_DONE_CHANNEL], lambda _c, payload: waiters.notify(payload)
         )
         background = [asyncio.create_task(listener.run(), name="api-listen")]
-        stop = asyncio.Event()
         executor_task = None
-        if run_executor:
-            executor = build_executor(
-                settings, engine, caller=participant_client, metrics=metrics, tracing=tracing
-            )
+        if executor is not None:
             executor_task = asyncio.create_task(
                 run_executor_until(
                     executor, database_url, stop, own_caller=participant_client is None
@@ -180,6 +232,7 @@ def create_app(
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await pool.close()
             await engine.dispose()
             tracing.shutdown()
 

@@ -24,7 +24,7 @@ from app.api.pagination import (
 from app.api.schemas import EventOut, Page, SagaOut, SagaStart, SagaSummaryOut
 from app.core.definition import NAME_PATTERN
 from app.core.states import SagaStatus
-from app.core.views import StartResult
+from app.core.views import SagaDocument, StartResult
 from app.logs import request_id_var
 from app.usecases.sagas import MAX_WAIT_SECONDS, StartRequest
 
@@ -41,6 +41,13 @@ SAGA_START_BODY = Body(
         },
     }
 )
+
+
+def _document(
+    saga: SagaDocument, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """The saga's view as the store rendered it (the `SagaOut` document)."""
+    return Response(saga.body, status_code=status, headers=headers, media_type="application/json")
 
 
 @router.post(
@@ -80,7 +87,6 @@ SAGA_START_BODY = Body(
 async def start_saga(
     body: Annotated[SagaStart, SAGA_START_BODY],
     ctx: Ctx,
-    response: Response,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -97,7 +103,7 @@ async def start_saga(
     fail_fast: Annotated[
         bool, Query(description="503 instead of waiting when the first service's circuit is open")
     ] = False,
-) -> SagaOut:
+) -> Response:
     """Start a saga on the latest (or the given) `version` of a definition with `input`.
 
     With `Idempotency-Key`, the first request creates the saga (`201`) and every later one
@@ -116,13 +122,12 @@ async def start_saga(
             fail_fast=fail_fast,
         )
     )
+    headers = {"Location": f"/v1/sagas/{saga.id}"}
     if result is StartResult.CREATED:
         ctx.metrics.sagas_started.labels(saga.definition).inc()
-    response.headers["Location"] = f"/v1/sagas/{saga.id}"
-    if result is StartResult.REPLAYED:
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
-    return SagaOut.of(saga)
+    else:
+        headers["Idempotent-Replayed"] = "true"
+    return _document(saga, 201 if result is StartResult.CREATED else 200, headers)
 
 
 @router.get(
@@ -168,13 +173,13 @@ async def get_saga(
     wait_seconds: Annotated[
         float, Query(ge=0, le=MAX_WAIT_SECONDS, description="Long-poll until terminal")
     ] = 0,
-) -> SagaOut:
+) -> Response:
     """The saga, its status, error and every step's status, attempts and response.
 
     With `wait_seconds` (at most 30) the answer comes as soon as the saga is terminal
     (`completed`, `compensated` or `failed`) or when the time is up.
     """
-    return SagaOut.of(await ctx.sagas.wait(saga_id, wait_seconds))
+    return _document(await ctx.sagas.wait(saga_id, wait_seconds))
 
 
 @router.get(
@@ -227,7 +232,7 @@ async def saga_events(
         ),
     },
 )
-async def cancel_saga(saga_id: SagaId, ctx: Ctx) -> SagaOut:
+async def cancel_saga(saga_id: SagaId, ctx: Ctx) -> Response:
     """Ask the saga to stop going forward and compensate its completed steps (error kind
     `cancelled`). `409` when it is already terminal or has passed its pivot step."""
-    return SagaOut.of(await ctx.sagas.cancel(saga_id))
+    return _document(await ctx.sagas.cancel(saga_id), 202)

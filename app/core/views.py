@@ -149,3 +149,24 @@ class ActionResult(Enum):
     ALREADY = "already"  # the same action was taken before: idempotent success
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class SagaDocument:
+    """A saga's view as the API answers it, and what the API needs to know of it."""
+
+    id: uuid.UUID
+    definition: str
+    status: SagaStatus
+    body: bytes
+    db_now: datetime | None = None
+    deadline_at: datetime | None = None  # known when the document comes from the start
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """The executor of this process takes a new saga over at once (no claim needed)."""
+
+    worker: str
+    lease_seconds: float

@@ -64,6 +64,7 @@ class Executor:
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
         on_denied: Callable[[Lease, WaitReason], None] | None = None,
+        on_finished: Callable[[uuid.UUID], None] | None = None,
     ) -> None:
         self.repo = repo
         self.caller = caller
@@ -76,6 +77,8 @@ class Executor:
         self.services = ServiceCache(repo)
         self.driver = Driver(self)
         self.on_denied = on_denied
+        self.on_finished = on_finished
+        self.running = False
         self._definitions: dict[int, DefinitionSpec] = {}
         self._tasks: dict[asyncio.Task[None], Lease] = {}
         self._wake = asyncio.Event()
@@ -86,14 +89,27 @@ class Executor:
         """New work may be due (a notification arrived)."""
         self._wake.set()
 
+    def has_room(self) -> bool:
+        """Whether this executor runs and can take one more saga now."""
+        return self.running and len(self._tasks) < self.config.concurrency
+
+    def adopt(self, claimed: Claimed, spec: DefinitionSpec) -> None:
+        """Drive a saga this process just created and leased to itself (no claim)."""
+        self._definitions.setdefault(claimed.definition_id, spec)
+        task = asyncio.create_task(self._run_saga(claimed))
+        self._tasks[task] = claimed.lease
+        task.add_done_callback(self._task_done)
+
     # --- main loop ---------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         prune_task = asyncio.create_task(self._prune_loop(), name="executor-prune")
         log.info("executor started", extra={"worker": self.worker_id})
+        self.running = True
         try:
             await self._claim_loop(stop)
         finally:
+            self.running = False
             prune_task.cancel()
             await self._drain()
             log.info("executor stopped", extra={"worker": self.worker_id})
@@ -320,6 +336,8 @@ class Executor:
 
     def finished(self, run: SagaRun, status: SagaStatus) -> None:
         self.metrics.sagas_finished.labels(run.claimed.definition_name, status.value).inc()
+        if self.on_finished is not None:  # long-polls in this process wake at once
+            self.on_finished(run.lease.saga_id)
 
     def denied(self, run: SagaRun, reason: WaitReason) -> None:
         if self.on_denied is not None:

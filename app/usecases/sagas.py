@@ -11,11 +11,20 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from app.core.states import SagaStatus
-from app.core.views import CancelResult, NewSaga, SagaSummary, SagaView, StartResult
+from app.core.views import (
+    CancelResult,
+    Handoff,
+    NewSaga,
+    SagaDocument,
+    SagaSummary,
+    SagaView,
+    StartResult,
+)
 from app.store.admin import AdminStore
+from app.store.documents import SagaDocuments
 from app.store.listen import SagaWaiters
 from app.store.registry import Registry
 from app.store.sagas import SagaStore
@@ -52,22 +61,37 @@ def _unknown_saga(saga_id: uuid.UUID) -> Problem:
     return Problem(404, f"no saga with id {saga_id}", slug="unknown-saga")
 
 
+class LocalExecutor(Protocol):
+    """This process's executor, when it runs one (`serve`): it takes new sagas over as
+    they are created, with no claim and no notification in between."""
+
+    def handoff(self) -> Handoff | None:
+        """A lease for the next new saga, when the executor has room for it."""
+        ...
+
+    def adopt(self, new: NewSaga, document: SagaDocument) -> None: ...
+
+
 class Sagas:
     def __init__(
         self,
         store: SagaStore,
+        documents: SagaDocuments,
         registry: Registry,
         admin: AdminStore,
         waiters: SagaWaiters,
         key_ttl_seconds: float,
+        local: LocalExecutor | None = None,
     ) -> None:
         self.store = store
+        self.documents = documents
         self.registry = registry
         self.admin = admin
         self.waiters = waiters
         self.key_ttl_seconds = key_ttl_seconds
+        self.local = local
 
-    async def start(self, request: StartRequest) -> tuple[StartResult, SagaView]:
+    async def start(self, request: StartRequest) -> tuple[StartResult, SagaDocument]:
         """Create a saga (or find the one this Idempotency-Key created).
 
         With a key, the first request creates the saga and every later one with the same
@@ -114,24 +138,35 @@ class Sagas:
                     headers={"Retry-After": str(max(1, math.ceil(wait)))},
                 )
         trace = request.traceparent
-        result, saga_id = await self.store.start(
-            NewSaga(
-                definition=definition,
-                input=request.input,
-                idempotency_key=key,
-                fingerprint=fingerprint(request) if key is not None else None,
-                key_ttl_seconds=self.key_ttl_seconds,
-                request_id=request.request_id,
-                traceparent=trace if trace and _TRACEPARENT.match(trace) else None,
-            )
+        new = NewSaga(
+            definition=definition,
+            input=request.input,
+            idempotency_key=key,
+            fingerprint=fingerprint(request) if key is not None else None,
+            key_ttl_seconds=self.key_ttl_seconds,
+            request_id=request.request_id,
+            traceparent=trace if trace and _TRACEPARENT.match(trace) else None,
         )
+        handoff = self.local.handoff() if self.local else None
+        result, created = await self.documents.start(new, handoff)
+        if isinstance(created, SagaDocument):
+            if handoff is not None and self.local is not None:
+                self.local.adopt(new, created)
+            return result, created
         if result is StartResult.MISMATCH:
             raise Problem(
                 422,
                 "this Idempotency-Key was used with a different definition or input",
                 slug="idempotency-key-reused",
             )
-        return result, await self.get(saga_id)
+        return result, await self.document(created)
+
+    async def document(self, saga_id: uuid.UUID) -> SagaDocument:
+        """The saga's view as the API answers it."""
+        document = await self.documents.view(saga_id)
+        if document is None:
+            raise _unknown_saga(saga_id)
+        return document
 
     async def get(self, saga_id: uuid.UUID) -> SagaView:
         view = await self.store.get(saga_id)
@@ -139,10 +174,10 @@ class Sagas:
             raise _unknown_saga(saga_id)
         return view
 
-    async def wait(self, saga_id: uuid.UUID, seconds: float) -> SagaView:
+    async def wait(self, saga_id: uuid.UUID, seconds: float) -> SagaDocument:
         """The saga as soon as it is terminal, or after `seconds` (long-poll)."""
         if seconds <= 0:
-            return await self.get(saga_id)
+            return await self.document(saga_id)
         # Register before reading so that a notification between the two is not missed.
         event = self.waiters.register(str(saga_id))
         try:
@@ -150,7 +185,7 @@ class Sagas:
             deadline = loop.time() + min(seconds, MAX_WAIT_SECONDS)
             while True:
                 event.clear()  # before reading: a notification during the read is kept
-                saga = await self.get(saga_id)
+                saga = await self.document(saga_id)
                 remaining = deadline - loop.time()
                 if saga.status.terminal or remaining <= 0:
                     return saga
@@ -187,7 +222,7 @@ class Sagas:
             raise _unknown_saga(saga_id)
         return await self.store.events(saga_id, limit, after)
 
-    async def cancel(self, saga_id: uuid.UUID) -> SagaView:
+    async def cancel(self, saga_id: uuid.UUID) -> SagaDocument:
         """Stop forward progress and compensate. The pivot rule is the store's one
         statement: refused while the pivot's call is in flight and once it succeeded."""
         result = await self.store.request_cancel(saga_id)
@@ -203,4 +238,4 @@ class Sagas:
                 "return it can only go forward",
                 slug="past-pivot",
             )
-        return await self.get(saga_id)
+        return await self.document(saga_id)

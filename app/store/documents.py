@@ -1,0 +1,217 @@
+"""The saga API's hot path: starting a saga in one statement and reading its view in one
+statement, rendered straight to the JSON the API answers (no ORM rows, no response
+model to validate; stored JSON is passed through as it is).
+
+The JSON is the same document `SagaOut` describes: the same fields, timestamps as
+RFC 3339 in UTC with a `Z`, stored JSON values verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from typing import Any
+
+import orjson
+from psycopg.rows import namedtuple_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from app.core.states import SagaStatus
+from app.core.views import Handoff, NewSaga, SagaDocument, StartResult
+from app.store.sagas import SAGA_WORK_CHANNEL
+
+NULL = orjson.Fragment(b"null")
+_DUMP = orjson.OPT_UTC_Z
+
+
+_START = """
+WITH key AS (
+  INSERT INTO idempotency_keys (key, fingerprint, saga_id, expires_at)
+  SELECT %(key)s, %(fingerprint)s, %(id)s, now() + make_interval(secs => %(ttl)s)
+   WHERE %(key)s::text IS NOT NULL
+  ON CONFLICT (key) DO UPDATE
+     SET fingerprint = EXCLUDED.fingerprint, saga_id = EXCLUDED.saga_id,
+         created_at = now(), expires_at = EXCLUDED.expires_at
+   WHERE idempotency_keys.expires_at < now()
+  RETURNING saga_id
+), saga AS (
+  INSERT INTO sagas (id, definition_id, definition_name, definition_version, status, input,
+                     idempotency_key, deadline_at, request_id, traceparent, due_at,
+                     lease_owner, lease_epoch, lease_expires_at)
+  SELECT %(id)s, %(definition_id)s, %(name)s, %(version)s, 'running', %(input)s, %(key)s,
+         now() + make_interval(secs => %(timeout)s), %(request_id)s, %(traceparent)s,
+         CASE WHEN %(owner)s::text IS NULL THEN now()
+              ELSE now() + make_interval(secs => %(lease)s) END,
+         %(owner)s, CASE WHEN %(owner)s::text IS NULL THEN 0 ELSE 1 END,
+         CASE WHEN %(owner)s::text IS NULL THEN NULL
+              ELSE now() + make_interval(secs => %(lease)s) END
+   WHERE %(key)s::text IS NULL OR EXISTS (SELECT 1 FROM key)
+  RETURNING id, created_at, updated_at, deadline_at, now() AS db_now
+), steps AS (
+  INSERT INTO saga_steps (saga_id, idx, name, status)
+  SELECT saga.id, s.idx - 1, s.name, 'pending'
+    FROM saga, unnest(%(steps)s::text[]) WITH ORDINALITY AS s(name, idx)
+), event AS (
+  INSERT INTO saga_events (saga_id, type) SELECT id, 'saga_started' FROM saga
+), notified AS (
+  SELECT pg_notify(%(channel)s, '') FROM saga WHERE %(owner)s::text IS NULL
+)
+SELECT saga.*, (SELECT count(*) FROM notified) AS notified FROM saga
+"""
+
+_KEY = "SELECT fingerprint, saga_id FROM idempotency_keys WHERE key = %(key)s"
+
+# Every saga has at least one step: one row per step, the saga's columns on each.
+_VIEW = """
+SELECT s.id, s.definition_name, s.definition_version, s.status, s.input::text AS input,
+       s.idempotency_key, s.created_at, s.updated_at, s.finished_at, s.deadline_at,
+       s.cancel_requested, s.error::text AS error,
+       st.name AS step_name, st.status AS step_status, st.attempts, st.compensation_attempts,
+       st.status_code, st.response::text AS response, st.last_error::text AS last_error,
+       st.started_at, st.finished_at AS step_finished_at, now() AS db_now
+  FROM sagas AS s JOIN saga_steps AS st ON st.saga_id = s.id
+ WHERE s.id = %(id)s
+ ORDER BY st.idx
+"""
+
+
+def _raw(text: str | None) -> orjson.Fragment:
+    return NULL if text is None else orjson.Fragment(text.encode())
+
+
+def _json(value: Any) -> orjson.Fragment:
+    """Any JSON value as a fragment (stdlib json: integers of any size, as jsonb keeps)."""
+    return orjson.Fragment(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+class SagaDocuments:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def start(
+        self, new: NewSaga, handoff: Handoff | None = None
+    ) -> tuple[StartResult, SagaDocument | uuid.UUID]:
+        """Create a saga in one statement (the key, the saga, its steps, its first event,
+        and the executors' wake-up, or the handoff to this process's executor). With an
+        Idempotency-Key, at most one saga per key, ever: a concurrent request with the
+        same key waits for this one's statement and then finds its key taken.
+
+        CREATED comes with the new saga's document (nothing to read back); REPLAYED and
+        MISMATCH with the id of the saga the key already started."""
+        saga_id = uuid.uuid4()
+        spec = new.definition.spec
+        params: dict[str, Any] = {
+            "key": new.idempotency_key,
+            "fingerprint": new.fingerprint,
+            "ttl": new.key_ttl_seconds,
+            "id": saga_id,
+            "definition_id": new.definition.id,
+            "name": new.definition.name,
+            "version": new.definition.version,
+            "input": Jsonb(new.input),
+            "timeout": spec.timeout_seconds,
+            "request_id": new.request_id,
+            # Without a caller's trace, the saga is its own trace: all its calls join it.
+            "traceparent": new.traceparent or f"00-{saga_id.hex}-{secrets.token_hex(8)}-01",
+            "owner": handoff.worker if handoff else None,
+            "lease": handoff.lease_seconds if handoff else 0,
+            "steps": [s.name for s in spec.steps],
+            "channel": SAGA_WORK_CHANNEL,
+        }
+        async with self.pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
+            await cur.execute(_START, params)
+            row: Any = await cur.fetchone()
+            if row is None:
+                await cur.execute(_KEY, {"key": new.idempotency_key})
+                existing: Any = await cur.fetchone()
+                assert existing is not None, "a key that is neither new nor stored"
+                result = (
+                    StartResult.REPLAYED
+                    if existing.fingerprint == new.fingerprint
+                    else StartResult.MISMATCH
+                )
+                return result, existing.saga_id
+        document = {
+            "id": saga_id,
+            "definition": new.definition.name,
+            "definition_version": new.definition.version,
+            "status": SagaStatus.RUNNING.value,
+            "input": _json(new.input),
+            "idempotency_key": new.idempotency_key,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+            "finished_at": None,
+            "deadline_at": row.deadline_at,
+            "cancel_requested": False,
+            "error": None,
+            "steps": [
+                {
+                    "name": s.name,
+                    "status": "pending",
+                    "attempts": 0,
+                    "compensation_attempts": 0,
+                    "status_code": None,
+                    "response": None,
+                    "last_error": None,
+                    "started_at": None,
+                    "finished_at": None,
+                }
+                for s in spec.steps
+            ],
+        }
+        body = orjson.dumps(document, option=_DUMP)
+        return StartResult.CREATED, SagaDocument(
+            saga_id,
+            new.definition.name,
+            SagaStatus.RUNNING,
+            body,
+            row.db_now,
+            row.deadline_at,
+            params["traceparent"],
+        )
+
+    async def view(self, saga_id: uuid.UUID) -> SagaDocument | None:
+        """The saga's view, read in one statement."""
+        async with self.pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
+            await cur.execute(_VIEW, {"id": saga_id})
+            rows: list[Any] = await cur.fetchall()
+        if not rows:
+            return None
+        first = rows[0]
+        document = {
+            "id": first.id,
+            "definition": first.definition_name,
+            "definition_version": first.definition_version,
+            "status": first.status,
+            "input": _raw(first.input),
+            "idempotency_key": first.idempotency_key,
+            "created_at": first.created_at,
+            "updated_at": first.updated_at,
+            "finished_at": first.finished_at,
+            "deadline_at": first.deadline_at,
+            "cancel_requested": first.cancel_requested,
+            "error": _raw(first.error),
+            "steps": [
+                {
+                    "name": r.step_name,
+                    "status": r.step_status,
+                    "attempts": r.attempts,
+                    "compensation_attempts": r.compensation_attempts,
+                    "status_code": r.status_code,
+                    "response": _raw(r.response),
+                    "last_error": _raw(r.last_error),
+                    "started_at": r.started_at,
+                    "finished_at": r.step_finished_at,
+                }
+                for r in rows
+            ],
+        }
+        return SagaDocument(
+            first.id,
+            first.definition_name,
+            SagaStatus(first.status),
+            orjson.dumps(document, option=_DUMP),
+            first.db_now,
+        )
