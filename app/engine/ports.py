@@ -154,6 +154,10 @@ class SagaRepository(Protocol):
 
     async def prune_idempotency_keys(self) -> int: ...
 
+    async def close(self) -> None:
+        """Give back what the repository holds (its connections); the executor stopped."""
+        ...
+
     def outage(self, error: BaseException) -> bool:
         """Whether an error means the store cannot be reached now (the lease will expire
         and another claim redoes the work), as opposed to a bug or bad data."""

@@ -112,6 +112,7 @@ class Executor:
             self.running = False
             prune_task.cancel()
             await self._drain()
+            await self.repo.close()
             log.info("executor stopped", extra={"worker": self.worker_id})
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:

@@ -6,7 +6,17 @@ first waited for a lock would otherwise commit a lease that is already expired.
 
 from __future__ import annotations
 
-from sqlalchemy import text
+import re
+
+from sqlalchemy import TextClause, text
+
+
+def psycopg_form(statement: TextClause) -> str:
+    """The statement with psycopg's placeholders (`%(name)s` for `:name`), for the hot
+    path that runs on a plain psycopg pool: one text, two drivers, no second copy."""
+    body = statement.text.replace("%", "%%")
+    return re.sub(r"(?<![:\w]):([A-Za-z_]\w*)", r"%(\1)s", body)
+
 
 CLAIM = text(
     """
@@ -225,57 +235,12 @@ CURRENT_BREAKER = text(
     "SELECT state, consecutive_failures, opened_at FROM circuit_breakers WHERE service = :service"
 )
 
-# An outcome: the saga row, fenced, in the status the decision was made on; a completion
-# that must yield to a cancel that can still unwind writes nothing.
-WRITE_SAGA = text(
-    """
-    UPDATE sagas
-       SET status = :status,
-           error = coalesce(CAST(:error AS jsonb), error),
-           updated_at = now(),
-           finished_at = CASE WHEN :terminal THEN coalesce(finished_at, now()) ELSE NULL END,
-           due_at = CASE WHEN :keep THEN clock_timestamp() + make_interval(secs => :lease)
-                         WHEN :idle THEN NULL
-                         -- a cancel that can still unwind does not wait for a backoff
-                         WHEN cancel_requested AND :running
-                              AND NOT (pivot_locked OR :pivot_lock) THEN now()
-                         ELSE now() + make_interval(secs => :delay) END,
-           lease_owner = CASE WHEN :keep THEN lease_owner ELSE NULL END,
-           lease_expires_at = CASE WHEN :keep
-                                   THEN clock_timestamp() + make_interval(secs => :lease)
-                                   ELSE NULL END,
-           waiting_reason = :waiting_reason,
-           waiting_service = :waiting_service,
-           pivot_locked = CASE :pivot WHEN 'lock' THEN true WHEN 'unlock' THEN false
-                               ELSE pivot_locked END,
-           crashes = CASE WHEN :crashes_reset THEN 0 ELSE crashes END
-     WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch AND status = :was
-       AND NOT (:unless_cancelled AND cancel_requested AND NOT pivot_locked)
-    RETURNING cancel_requested, now() AS db_now
-    """
-)
-
+# Why COMMIT wrote nothing: the lease is gone, or a cancel came first.
 WHY_NOT_WRITTEN = text(
     """
     SELECT lease_owner = :worker AND lease_epoch = :epoch AS ours,
            cancel_requested AND NOT pivot_locked AS cancelled, now() AS db_now
       FROM sagas WHERE id = :id
-    """
-)
-
-WRITE_STEP = text(
-    """
-    UPDATE saga_steps
-       SET status = :status,
-           maybe_applied = :maybe_applied,
-           in_flight = false,
-           status_code = CASE WHEN :set_result THEN CAST(:status_code AS integer)
-                              ELSE status_code END,
-           response = CASE WHEN :set_result THEN CAST(:response AS jsonb) ELSE response END,
-           last_error = CASE WHEN :keep_error THEN last_error
-                             ELSE CAST(:last_error AS jsonb) END,
-           finished_at = CASE WHEN :finished THEN now() ELSE finished_at END
-     WHERE saga_id = :id AND idx = :idx
     """
 )
 
@@ -343,5 +308,90 @@ PRUNE_KEYS = text(
     """
     DELETE FROM idempotency_keys WHERE key IN (
       SELECT key FROM idempotency_keys WHERE expires_at < now() LIMIT :n)
+    """
+)
+
+
+# An outcome in ONE statement (autocommit: one round trip, one transaction): the saga row,
+# fenced and in the status the decision was made on, and only if that landed the step,
+# the events (a JSON array, in order), the dead letter, the slot release, the breaker
+# change (compare-and-set; reported) and the completion notification. A completion that
+# must yield to a cancel that can still unwind writes nothing.
+COMMIT = text(
+    """
+    WITH saga AS (
+      UPDATE sagas
+         SET status = :status,
+             error = coalesce(CAST(:error AS jsonb), error),
+             updated_at = now(),
+             finished_at = CASE WHEN :terminal THEN coalesce(finished_at, now()) ELSE NULL END,
+             due_at = CASE WHEN :keep THEN clock_timestamp() + make_interval(secs => :lease)
+                           WHEN :idle THEN NULL
+                           -- a cancel that can still unwind does not wait for a backoff
+                           WHEN cancel_requested AND :running
+                                AND NOT (pivot_locked OR :pivot_lock) THEN now()
+                           ELSE now() + make_interval(secs => :delay) END,
+             lease_owner = CASE WHEN :keep THEN lease_owner ELSE NULL END,
+             lease_expires_at = CASE WHEN :keep
+                                     THEN clock_timestamp() + make_interval(secs => :lease)
+                                     ELSE NULL END,
+             waiting_reason = :waiting_reason,
+             waiting_service = :waiting_service,
+             pivot_locked = CASE :pivot WHEN 'lock' THEN true WHEN 'unlock' THEN false
+                                 ELSE pivot_locked END,
+             crashes = CASE WHEN :crashes_reset THEN 0 ELSE crashes END
+       WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch AND status = :was
+         AND NOT (:unless_cancelled AND cancel_requested AND NOT pivot_locked)
+      RETURNING id, definition_name, cancel_requested, now() AS db_now
+    ), step AS (
+      UPDATE saga_steps AS st
+         SET status = :s_status,
+             maybe_applied = :s_maybe_applied,
+             in_flight = false,
+             status_code = CASE WHEN :s_set_result THEN CAST(:s_status_code AS integer)
+                                ELSE st.status_code END,
+             response = CASE WHEN :s_set_result THEN CAST(:s_response AS jsonb)
+                             ELSE st.response END,
+             last_error = CASE WHEN :s_keep_error THEN st.last_error
+                               ELSE CAST(:s_last_error AS jsonb) END,
+             finished_at = CASE WHEN :s_finished THEN now() ELSE st.finished_at END
+        FROM saga
+       WHERE :has_step AND st.saga_id = saga.id AND st.idx = :s_idx
+    ), events AS (
+      INSERT INTO saga_events (saga_id, type, step, direction, attempt, outcome, status_code,
+                               error_kind, message, duration_ms, worker)
+      SELECT saga.id, e.doc->>'type', e.doc->>'step', e.doc->>'direction',
+             CAST(e.doc->>'attempt' AS integer), e.doc->>'outcome',
+             CAST(e.doc->>'status_code' AS integer), e.doc->>'error_kind', e.doc->>'message',
+             CAST(e.doc->>'duration_ms' AS double precision), :worker
+        FROM saga, jsonb_array_elements(CAST(:events AS jsonb)) WITH ORDINALITY AS e(doc, n)
+       ORDER BY e.n
+    ), letter AS (
+      INSERT INTO dead_letters (id, saga_id, definition_name, step_idx, step_name, direction,
+                                service, attempts, last_error, request)
+      SELECT :dl_id, saga.id, saga.definition_name, :dl_idx, :dl_step, :dl_direction,
+             :dl_service, :dl_attempts, CAST(:dl_last_error AS jsonb),
+             CAST(:dl_request AS jsonb)
+        FROM saga WHERE :has_letter
+      ON CONFLICT (saga_id, step_idx, direction) WHERE status = 'open' DO NOTHING
+    ), slots AS (
+      UPDATE service_slots SET saga_id = NULL, epoch = NULL, held_until = NULL
+       WHERE :release AND saga_id = :id AND EXISTS (SELECT 1 FROM saga)
+    ), breaker AS (
+      UPDATE circuit_breakers
+         SET state = :br_state, consecutive_failures = :br_failures,
+             opened_at = CAST(:br_opened_at AS timestamptz), updated_at = now()
+       WHERE :has_breaker AND service = :br_service AND state = :br_was_state
+         AND consecutive_failures = :br_was_failures
+         AND opened_at IS NOT DISTINCT FROM CAST(:br_was_opened_at AS timestamptz)
+         AND EXISTS (SELECT 1 FROM saga)
+      RETURNING service
+    ), note AS (
+      SELECT pg_notify(:channel, CAST(saga.id AS text)) FROM saga WHERE :notify
+    )
+    SELECT saga.cancel_requested, saga.db_now,
+           EXISTS (SELECT 1 FROM breaker) AS breaker_written,
+           (SELECT count(*) FROM note) AS notified
+      FROM saga
     """
 )

@@ -15,11 +15,16 @@ async def _configure(conn: AsyncConnection) -> None:
 
 
 async def open_pool(
-    url: str, size: int, idle_in_transaction_seconds: float | None = None, name: str = "hot"
+    url: str,
+    size: int,
+    idle_in_transaction_seconds: float | None = None,
+    name: str = "hot",
+    wait_seconds: float = 30.0,
 ) -> AsyncConnectionPool:
     """An open pool of up to `size` connections, in UTC (times are read as UTC). With
     `idle_in_transaction_seconds`, a frozen process's transaction cannot keep its locks
-    (see `db.make_engine`)."""
+    (see `db.make_engine`). `wait_seconds`: how long a caller waits for a connection (the
+    engine uses its lease: past it, the saga is another worker's anyway)."""
     options = "-c timezone=UTC"
     if idle_in_transaction_seconds:
         timeout_ms = max(1, round(idle_in_transaction_seconds * 1000))
@@ -32,6 +37,7 @@ async def open_pool(
         configure=_configure,
         open=False,
         name=name,
+        timeout=wait_seconds,
     )
     await pool.open(wait=True, timeout=30)
     return pool

@@ -10,12 +10,15 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Any
 
+import psycopg
+from psycopg.rows import namedtuple_row
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.breaker import Breaker, Passage
-from app.core.commit import BreakerChange, Commit, Next, SagaState, StepState, Waiting
+from app.core.commit import BreakerChange, Commit, Event, Next, SagaState, StepState, Waiting
 from app.core.decide import CRASH_LIMIT
 from app.core.definition import DefinitionSpec
 from app.core.states import (
@@ -41,6 +44,7 @@ from app.engine.ports import (
     Started,
 )
 from app.store import engine_sql as sql
+from app.store.pool import open_pool
 from app.store.registry import Registry, service_spec
 from app.store.sagas import SAGA_DONE_CHANNEL
 
@@ -55,6 +59,83 @@ def _json(value: Any) -> str | None:
 
 def _breaker(row: Any) -> Breaker:
     return Breaker(CircuitState(row.state), row.consecutive_failures, row.opened_at)
+
+
+# The hot statements, in psycopg's form, run on the repository's own psycopg pool in
+# autocommit: each is one round trip and one transaction.
+_COMMIT = sql.psycopg_form(sql.COMMIT)
+_WHY_NOT_WRITTEN = sql.psycopg_form(sql.WHY_NOT_WRITTEN)
+_RENEW = sql.psycopg_form(sql.RENEW)
+_START_CALL = sql.psycopg_form(sql.START_CALL)
+_START_PLAIN = sql.psycopg_form(sql.START_PLAIN)
+
+
+# What "the database cannot be reached now" looks like through either driver.
+_OUTAGES = (
+    OperationalError,
+    InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    OSError,
+)
+
+
+def _event(e: Event) -> dict[str, Any]:
+    return {
+        "type": e.type.value,
+        "step": e.step,
+        "direction": e.direction.value if e.direction else None,
+        "attempt": e.attempt,
+        "outcome": e.outcome.value if e.outcome else None,
+        "status_code": e.status_code,
+        "error_kind": e.error_kind.value if e.error_kind else None,
+        "message": e.message,
+        "duration_ms": e.duration_ms,
+    }
+
+
+def _step_params(commit: Commit) -> dict[str, Any]:
+    step = commit.step
+    return {
+        "has_step": step is not None,
+        "s_idx": step.index if step else 0,
+        "s_status": step.status.value if step else None,
+        "s_maybe_applied": step.maybe_applied if step else False,
+        "s_set_result": step.set_result if step else False,
+        "s_status_code": step.status_code if step else None,
+        "s_response": _json(step.response) if step else None,
+        "s_last_error": _json(step.last_error.as_json()) if step and step.last_error else None,
+        "s_keep_error": step.keep_error if step else True,
+        "s_finished": step.finished if step else False,
+    }
+
+
+def _letter_params(commit: Commit) -> dict[str, Any]:
+    letter = commit.dead_letter
+    return {
+        "has_letter": letter is not None,
+        "dl_id": uuid.uuid4() if letter else None,
+        "dl_idx": letter.step_index if letter else None,
+        "dl_step": letter.step_name if letter else None,
+        "dl_direction": letter.direction.value if letter else None,
+        "dl_service": letter.service if letter else None,
+        "dl_attempts": letter.attempts if letter else None,
+        "dl_last_error": _json(letter.last_error) if letter else None,
+        "dl_request": _json(letter.request) if letter else None,
+    }
+
+
+def _breaker_params(change: BreakerChange | None) -> dict[str, Any]:
+    return {
+        "has_breaker": change is not None,
+        "br_service": change.service if change else None,
+        "br_state": change.after.state.value if change else None,
+        "br_failures": change.after.consecutive_failures if change else None,
+        "br_opened_at": change.after.opened_at if change else None,
+        "br_was_state": change.before.state.value if change else None,
+        "br_was_failures": change.before.consecutive_failures if change else None,
+        "br_was_opened_at": change.before.opened_at if change else None,
+    }
 
 
 class PgSagaRepository:
@@ -72,6 +153,26 @@ class PgSagaRepository:
         # for one until its lease ran out.
         size = engine.pool.size() if hasattr(engine.pool, "size") else 2
         self._admissions = asyncio.Semaphore(max(1, size // 2 + size % 2))
+        self._hot_size = 2 * size
+        self._pool: AsyncConnectionPool | None = None
+        self._pool_opening = asyncio.Lock()
+
+    async def _hot(self) -> AsyncConnectionPool:
+        """The psycopg pool of the hot statements, opened on first use."""
+        if self._pool is None:
+            async with self._pool_opening:
+                if self._pool is None:
+                    url = self.engine.url.render_as_string(hide_password=False)
+                    self._pool = await open_pool(
+                        url, self._hot_size, name=f"engine-{self.worker}", wait_seconds=self.lease
+                    )
+        return self._pool
+
+    async def close(self) -> None:
+        """Close the hot pool (the engine is its owner's to dispose of)."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
 
     def _fence(self, lease: Lease) -> dict[str, Any]:
         return {"id": lease.saga_id, "worker": self.worker, "epoch": lease.epoch}
@@ -129,11 +230,11 @@ class PgSagaRepository:
         ]
 
     async def renew(self, lease: Lease) -> bool:
-        async with self.engine.begin() as conn:
-            n = (
-                await conn.execute(sql.RENEW, {**self._fence(lease), "lease": self.lease})
-            ).scalar_one()
-        return bool(n)
+        pool = await self._hot()
+        async with pool.connection() as conn:
+            cur = await conn.execute(_RENEW, {**self._fence(lease), "lease": self.lease})
+            row: Any = await cur.fetchone()
+        return bool(row and row[0])
 
     # --- starting an attempt ----------------------------------------------------------
 
@@ -155,12 +256,19 @@ class PgSagaRepository:
             if isinstance(probed, Refused) and probed.reason is Refusal.STALE:
                 return replace(probed, service=await self.service(start.service))
             return probed
-        statement = sql.START_PLAIN
+        statement = _START_PLAIN
         if start.service is not None:
-            statement = sql.START_CALL
+            statement = _START_CALL
             params.update(service=start.service, version=start.version)
-        async with self._admissions, self.engine.begin() as conn:
-            row = (await conn.execute(statement, params)).one()
+        pool = await self._hot()
+        async with (
+            self._admissions,
+            pool.connection() as conn,
+            conn.cursor(row_factory=namedtuple_row) as cur,
+        ):
+            await cur.execute(statement, params)
+            row: Any = await cur.fetchone()
+        assert row is not None  # the statement always answers one row
         if row.attempt is not None:
             return Started(int(row.attempt), row.db_now)
         if not row.ours:
@@ -218,7 +326,7 @@ class PgSagaRepository:
     async def commit(
         self, lease: Lease, commit: Commit, was: SagaStatus
     ) -> Applied | CancelFirst | None:
-        """Apply `commit` to a saga this worker holds in status `was`."""
+        """Apply `commit` to a saga this worker holds in status `was`: one statement."""
         write = commit.saga
         params = {
             **self._fence(lease),
@@ -237,79 +345,26 @@ class PgSagaRepository:
             "waiting_service": write.waiting.service if write.waiting else None,
             "crashes_reset": commit.crashes_reset,
             "unless_cancelled": write.unless_cancelled,
+            "release": commit.release_slot or write.next is not Next.CONTINUE,
+            "channel": SAGA_DONE_CHANNEL,
+            "notify": write.status.terminal and write.next is Next.IDLE,
+            "events": _json([_event(e) for e in commit.events]),
+            **_step_params(commit),
+            **_letter_params(commit),
+            **_breaker_params(commit.breaker),
         }
-        conflict = False
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(sql.WRITE_SAGA, params)).first()
+        pool = await self._hot()
+        async with pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
+            await cur.execute(_COMMIT, params)
+            row: Any = await cur.fetchone()
             if row is None:
-                why = (await conn.execute(sql.WHY_NOT_WRITTEN, self._fence(lease))).first()
-                await conn.rollback()
+                await cur.execute(_WHY_NOT_WRITTEN, self._fence(lease))
+                why: Any = await cur.fetchone()
                 if why is not None and why.ours and why.cancelled and write.unless_cancelled:
                     return CancelFirst(why.db_now)
                 return None
-            await self._apply_parts(conn, lease, commit)
-            if commit.breaker is not None:
-                conflict = not await self._write_breaker(conn, commit.breaker)
-            if write.status.terminal and write.next is Next.IDLE:
-                await notify(conn, SAGA_DONE_CHANNEL, str(lease.saga_id))
+        conflict = commit.breaker is not None and not row.breaker_written
         return Applied(row.db_now, bool(row.cancel_requested), conflict)
-
-    async def _apply_parts(self, conn: AsyncConnection, lease: Lease, commit: Commit) -> None:
-        step = commit.step
-        if step is not None:
-            await conn.execute(
-                sql.WRITE_STEP,
-                {
-                    "id": lease.saga_id,
-                    "idx": step.index,
-                    "status": step.status.value,
-                    "maybe_applied": step.maybe_applied,
-                    "set_result": step.set_result,
-                    "status_code": step.status_code,
-                    "response": _json(step.response),
-                    "last_error": _json(step.last_error.as_json() if step.last_error else None),
-                    "keep_error": step.keep_error,
-                    "finished": step.finished,
-                },
-            )
-        if commit.events:
-            await conn.execute(
-                sql.INSERT_EVENT,
-                [
-                    {
-                        "id": lease.saga_id,
-                        "type": e.type.value,
-                        "step": e.step,
-                        "direction": e.direction.value if e.direction else None,
-                        "attempt": e.attempt,
-                        "outcome": e.outcome.value if e.outcome else None,
-                        "status_code": e.status_code,
-                        "error_kind": e.error_kind.value if e.error_kind else None,
-                        "message": e.message,
-                        "duration_ms": e.duration_ms,
-                        "worker": self.worker,
-                    }
-                    for e in commit.events
-                ],
-            )
-        letter = commit.dead_letter
-        if letter is not None:
-            await conn.execute(
-                sql.INSERT_DEAD_LETTER,
-                {
-                    "dl_id": uuid.uuid4(),
-                    "id": lease.saga_id,
-                    "idx": letter.step_index,
-                    "step": letter.step_name,
-                    "direction": letter.direction.value,
-                    "service": letter.service,
-                    "attempts": letter.attempts,
-                    "last_error": _json(letter.last_error),
-                    "request": _json(letter.request),
-                },
-            )
-        if commit.release_slot or commit.saga.next is not Next.CONTINUE:
-            await conn.execute(sql.RELEASE_SLOTS, {"id": lease.saga_id})
 
     async def _write_breaker(self, conn: AsyncConnection, change: BreakerChange) -> bool:
         before, after = change.before, change.after
@@ -430,7 +485,7 @@ class PgSagaRepository:
         return record.spec
 
     def outage(self, error: BaseException) -> bool:
-        return isinstance(error, OperationalError | InterfaceError | OSError)
+        return isinstance(error, _OUTAGES)
 
     async def prune_idempotency_keys(self, batch: int = 1000) -> int:
         async with self.engine.begin() as conn:

@@ -42,11 +42,15 @@ async def _healthy_latencies(client: httpx.AsyncClient, n: int) -> list[float]:
 
 
 async def test_bulkhead_caps_concurrency_across_executors_and_isolates_healthy_service(
-    orchestrator: httpx.AsyncClient, db_url: str
+    api: httpx.AsyncClient, db_url: str
 ) -> None:
+    # The API alone and two executors: each saga goes to whichever claims it first (an
+    # API with its own executor would hand it every new saga it has room for).
+    orchestrator = api
     async with (
         participant_server(Participant) as slow,
         participant_server(Participant) as fast,
+        extra_executor(db_url, "exec-one"),
         extra_executor(db_url, "exec-extra"),
     ):
         slow.always("/work", Reply(200, {"ok": True}, delay=0.3))

@@ -74,6 +74,7 @@ class MemoryRepository:
     """The repository port in memory, shared by any number of `Executor`s."""
 
     def __init__(self, clock: FakeClock, lease_seconds: float = 10.0) -> None:
+        self.closed = False
         self.clock = clock
         self.lease = timedelta(seconds=lease_seconds)
         self.worker = "w1"
@@ -342,6 +343,9 @@ class MemoryRepository:
 
     async def prune_idempotency_keys(self) -> int:
         return 0
+
+    async def close(self) -> None:
+        self.closed = True
 
     def outage(self, error: BaseException) -> bool:
         return False
