@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlencode
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -65,12 +66,21 @@ def resolve_tokens(settings: Settings) -> Tokens:
     return Tokens(api=settings.api_token or None, admin=admin)
 
 
-DATABASE_ERRORS: tuple[type[Exception], ...] = (OperationalError, PoolTimeout, DBAPIError)
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError,
+    PoolTimeout,
+    DBAPIError,
+    psycopg.OperationalError,  # the hot paths' plain pool (its PoolTimeout is one too)
+    psycopg.InterfaceError,
+)
 
 
 def database_trouble(error: BaseException) -> problems.DatabaseTrouble | None:
     """How the API answers a database error: unreachable or lost (503), or failed (500)."""
     if isinstance(error, OperationalError | PoolTimeout | InterfaceError):
+        return problems.DatabaseTrouble.UNAVAILABLE
+    if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
+        # A connection the server ended (restart, terminate) or one that cannot be made.
         return problems.DatabaseTrouble.UNAVAILABLE
     if isinstance(error, DBAPIError):
         lost = error.connection_invalidated
