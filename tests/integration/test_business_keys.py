@@ -17,7 +17,7 @@ from sqlalchemy import event
 from app.store.db import make_engine
 from app.store.sagas import SagaStore
 from app.usecases.sagas import StartRequest, fingerprint
-from tests.conftest import make_settings, wait_terminal
+from tests.conftest import ADMIN_TOKEN, make_settings, wait_terminal
 from tests.support.api_helpers import assert_problem, client_for, has_loc
 from tests.support.engine_helpers import define, put_service, step
 from tests.support.servers import Participant, Reply
@@ -371,3 +371,37 @@ async def test_an_exclusive_key_is_free_again_after_compensation_and_replays_kee
     assert done["status"] == "compensated", done
     later = await orchestrator.post("/v1/sagas", json=body, headers={"Idempotency-Key": "i-2"})
     assert later.status_code == 201, later.text
+
+
+async def test_retrying_a_dead_letter_waits_for_the_key_to_be_free(
+    orchestrator: httpx.AsyncClient, participant: Participant
+) -> None:
+    """A failed saga is terminal, so its key may start a new saga; an operator's retry of
+    the old one's dead letter (which would make two unfinished) is a 409 until the new one
+    has finished."""
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    await put_service(orchestrator, participant.url)
+    steps = [step("a"), step("b")]
+    steps[0]["compensation_retry"] = {**steps[0]["compensation_retry"], "max_attempts": 1}
+    await define(orchestrator, "flow", steps, exclusive=True)
+    participant.script("/b", Reply(status=400))
+    participant.script("/a/undo", Reply(status=500))
+    body = {"definition": "flow", "input": {}, "business_key": "order-3"}
+    first = (await orchestrator.post("/v1/sagas", json=body)).json()
+    assert (await wait_terminal(orchestrator, first["id"]))["status"] == "failed"
+    (letter,) = (
+        await orchestrator.get("/v1/admin/dead-letters", params={"status": "open"}, headers=admin)
+    ).json()["items"]
+
+    participant.script("/a", Reply(delay=2.0))
+    second = await orchestrator.post("/v1/sagas", json=body)
+    assert second.status_code == 201, second.text
+    retry = f"/v1/admin/dead-letters/{letter['id']}/retry"
+    refused = await orchestrator.post(retry, headers=admin)
+    problem = assert_problem(refused, 409)
+    assert "exclusive" in problem["detail"]
+    still = (await orchestrator.get(f"/v1/sagas/{first['id']}")).json()
+    assert still["status"] == "failed"
+    assert (await wait_terminal(orchestrator, second.json()["id"]))["status"] == "completed"
+    assert (await orchestrator.post(retry, headers=admin)).status_code in (200, 202)
+    assert (await wait_terminal(orchestrator, first["id"]))["status"] == "compensated"
