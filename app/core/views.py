@@ -177,3 +177,22 @@ class Handoff:
 
     worker: str
     lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one retention pass deleted (or, dry, would delete), by table."""
+
+    sagas: int = 0
+    saga_steps: int = 0
+    saga_events: int = 0
+    idempotency_keys: int = 0
+    dead_letters: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        mine, theirs = self.counts(), other.counts()
+        return Pruned(**{name: mine[name] + theirs[name] for name in mine})
+
+    def counts(self) -> dict[str, int]:
+        """Table name -> rows."""
+        return {name: getattr(self, name) for name in self.__slots__}

@@ -18,6 +18,7 @@ from app.core.definition import DefinitionSpec, ServiceSpec
 from app.core.outcome import CallResult
 from app.core.requests import HttpRequest
 from app.core.states import Direction, SagaStatus
+from app.core.views import Pruned
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +154,11 @@ class SagaRepository(Protocol):
     async def definition(self, definition_id: int) -> DefinitionSpec: ...
 
     async def prune_idempotency_keys(self) -> int: ...
+
+    async def prune_finished(self, older_than_seconds: float) -> Pruned | None:
+        """Delete sagas finished more than `older_than_seconds` ago (retention), in small
+        batches; None when another process is doing it now."""
+        ...
 
     def outage(self, error: BaseException) -> bool:
         """Whether an error means the store cannot be reached now (the lease will expire

@@ -343,6 +343,9 @@ class MemoryRepository:
     async def prune_idempotency_keys(self) -> int:
         return 0
 
+    async def prune_finished(self, older_than_seconds: float) -> None:
+        return None
+
     def outage(self, error: BaseException) -> bool:
         return False
 
