@@ -405,3 +405,30 @@ async def test_retrying_a_dead_letter_waits_for_the_key_to_be_free(
     assert (await wait_terminal(orchestrator, second.json()["id"]))["status"] == "completed"
     assert (await orchestrator.post(retry, headers=admin)).status_code in (200, 202)
     assert (await wait_terminal(orchestrator, first["id"]))["status"] == "compensated"
+
+
+async def test_the_typed_client_starts_with_keys_and_labels_and_filters(
+    api: httpx.AsyncClient,
+) -> None:
+    from app.client import ApiError, SagaClient
+
+    await _flow(api, exclusive=True)
+    async with SagaClient(str(api.base_url), retry_for_seconds=1) as client:
+        started = await client.start_saga(
+            "flow", {}, business_key="order-5", labels={"tenant": "acme"}
+        )
+        saga = started.saga
+        assert (saga["business_key"], saga["labels"]) == ("order-5", {"tenant": "acme"})
+        with pytest.raises(ApiError) as refused:
+            await client.start_saga("flow", {}, business_key="order-5")
+        assert refused.value.status == 409
+        assert refused.value.location == f"/v1/sagas/{saga['id']}"
+        await client.start_saga("flow", {}, business_key="order-6", labels={"tenant": "other"})
+        page = await client.list_sagas(labels={"tenant": "acme"}, limit=10)
+        assert [s["id"] for s in page["items"]] == [saga["id"]]
+        page = await client.list_sagas(business_key="order-6", status="running")
+        assert [s["business_key"] for s in page["items"]] == ["order-6"]
+        first = await client.list_sagas(limit=1)
+        assert first["next_cursor"] and len(first["items"]) == 1
+        rest = await client.list_sagas(limit=1, cursor=first["next_cursor"])
+        assert rest["items"][0]["id"] == saga["id"]
