@@ -24,6 +24,10 @@ HELP = {
     "of workers may share one database; SIGTERM stops claiming and lets in-flight calls "
     "finish within SAGA_SHUTDOWN_GRACE seconds.",
     "migrate": "Apply pending database migrations and exit.",
+    "prune": "Run one retention pass: delete the sagas that finished more than "
+    "SAGA_RETENTION_HOURS ago (with their steps, events, idempotency keys and resolved dead "
+    "letters; a saga with an open dead letter is kept), and print the rows deleted per table. "
+    "Workers do this on their own every minute; one pass at a time runs across processes.",
     "demo": "Run the checkout demo: start the database, four example participants and the "
     "orchestrator, break things on purpose (a failing order, a service down, a flaky service, "
     "the orchestrator killed) and report how every saga ended. Keeps serving until Ctrl-C.",
@@ -44,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     for name in ("worker", "migrate"):
         sub.add_parser(name, help=HELP[name], description=HELP[name])
+    prune = sub.add_parser("prune", help=HELP["prune"], description=HELP["prune"])
+    prune.add_argument(
+        "--dry-run", action="store_true", help="print what would be deleted; delete nothing"
+    )
     demo = sub.add_parser("demo", help=HELP["demo"], description=HELP["demo"])
     demo.add_argument(
         "--port", type=int, default=8000, help="the orchestrator's port (default 8000)"
@@ -91,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             _serve(settings, database, args.host, args.port, args.command == "serve")
         elif args.command == "worker":
             asyncio.run(run_worker(settings, database.url))
+        elif args.command == "prune":
+            sys.exit(asyncio.run(run_prune(settings, database.url, args.dry_run)))
     finally:
         stop_database(database)
 
@@ -152,6 +162,30 @@ async def run_worker(settings: Settings, url: str) -> None:
         await run_executor_until(build_executor(settings, engine), url, stop)
     finally:
         await engine.dispose()
+
+
+async def run_prune(settings: Settings, url: str, dry_run: bool) -> int:
+    """One retention pass (or its dry run), reported on stdout; the exit status."""
+    from app.store.retention import Retention
+
+    seconds = settings.retention_seconds
+    if seconds is None:
+        print("retention is off (SAGA_RETENTION_HOURS=0): finished sagas are kept forever")
+        return 0
+    engine = make_engine(url, 2, settings.lease_seconds)
+    try:
+        retention = Retention(engine)
+        pruned = await (retention.dry_run(seconds) if dry_run else retention.prune(seconds))
+    finally:
+        await engine.dispose()
+    if pruned is None:
+        print("another process is pruning now; nothing done")
+        return 0
+    hours = f"{settings.retention_hours:g}"
+    print(f"{'would delete' if dry_run else 'deleted'} (sagas finished more than {hours} h ago):")
+    for table, rows in pruned.counts().items():
+        print(f"  {table}: {rows}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,10 +25,11 @@ TERMINAL = frozenset({"completed", "compensated", "failed"})
 class ApiError(Exception):
     """A 4xx/5xx answer: carries the problem document."""
 
-    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+    def __init__(self, status: int, problem: dict[str, Any], location: str | None = None) -> None:
         super().__init__(f"{status}: {problem.get('detail', problem)}")
         self.status = status
         self.problem = problem
+        self.location = location  # e.g. the running saga of a 409 on an exclusive key
 
 
 def _transient(exc: BaseException) -> bool:
@@ -76,7 +77,7 @@ class SagaClient:
                         problem = response.json()
                     except ValueError:
                         problem = {"detail": response.text}
-                    raise ApiError(response.status_code, problem)
+                    raise ApiError(response.status_code, problem, response.headers.get("Location"))
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -101,13 +102,20 @@ class SagaClient:
         input: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         version: int | None = None,
+        business_key: str | None = None,
+        labels: dict[str, str] | None = None,
     ) -> Started:
         """Start a saga. A key is generated when none is given, so a retry after a lost
-        answer cannot start a second saga."""
+        answer cannot start a second saga. On an exclusive definition, a business key
+        held by an unfinished saga is an `ApiError` 409 whose `location` names that saga."""
         key = idempotency_key or f"client-{uuid.uuid4()}"
         body: dict[str, Any] = {"definition": definition, "input": input or {}}
         if version is not None:
             body["version"] = version
+        if business_key is not None:
+            body["business_key"] = business_key
+        if labels:
+            body["labels"] = labels
         response = await self._request(
             "POST", "/v1/sagas", json=body, headers={"Idempotency-Key": key}
         )
@@ -132,6 +140,32 @@ class SagaClient:
             saga = await self.get_saga(saga_id, wait_seconds=min(30.0, max(remaining, 0.1)))
             if saga["status"] in TERMINAL:
                 return saga
+
+    async def list_sagas(
+        self,
+        *,
+        status: str | None = None,
+        definition: str | None = None,
+        business_key: str | None = None,
+        labels: dict[str, str] | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """One page of sagas, newest first: `{"items": [...], "next_cursor": ...}`. Every
+        filter given must match (each label pair too)."""
+        params: list[tuple[str, str | int]] = [("limit", limit)]
+        for name, value in (
+            ("status", status),
+            ("definition", definition),
+            ("business_key", business_key),
+            ("cursor", cursor),
+        ):
+            if value is not None:
+                params.append((name, value))
+        params += [("label", f"{k}:{v}") for k, v in (labels or {}).items()]
+        response = await self._request("GET", "/v1/sagas", params=params)
+        page: dict[str, Any] = response.json()
+        return page
 
     async def events(self, saga_id: str) -> list[dict[str, Any]]:
         response = await self._request("GET", f"/v1/sagas/{saga_id}/events")

@@ -95,6 +95,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         poll_interval_seconds=settings.poll_interval_seconds,
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
         failpoint=settings.failpoint,
+        retention_seconds=settings.retention_seconds,
     )
 
 

@@ -37,12 +37,17 @@ class Settings(BaseSettings):
     poll_interval_seconds: float = Field(default=1.0, gt=0, le=60, alias="SAGA_POLL_INTERVAL")
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, alias="SAGA_SHUTDOWN_GRACE")
     idempotency_ttl_hours: float = Field(default=24.0, gt=0, alias="SAGA_IDEMPOTENCY_TTL_HOURS")
+    # Finished sagas older than this are deleted by the workers (and `prune`); 0 or
+    # empty keeps them forever.
+    retention_hours: float | None = Field(default=720.0, ge=0, alias="SAGA_RETENTION_HOURS")
     db_pool_size: int = Field(default=10, ge=1, le=200, alias="SAGA_DB_POOL_SIZE")
     otlp_endpoint: str | None = Field(default=None, alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     # Test-only: the name of a point where the process kills itself (crash tests).
     failpoint: str | None = Field(default=None, alias="SAGA_FAILPOINT")
 
-    @field_validator("api_token", "admin_token", "metrics_token", "public_url", mode="before")
+    @field_validator(
+        "api_token", "admin_token", "metrics_token", "public_url", "retention_hours", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -53,6 +58,11 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("SAGA_PUBLIC_URL must start with http:// or https://")
         return value.rstrip("/") if value else value
+
+    @property
+    def retention_seconds(self) -> float | None:
+        """How long finished sagas are kept; None: forever."""
+        return self.retention_hours * 3600 if self.retention_hours else None
 
     @property
     def https(self) -> bool:

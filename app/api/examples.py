@@ -76,10 +76,16 @@ DEFINITION_OUT: dict[str, Any] = {
     "description": _SPEC.description,
     "timeout_seconds": _SPEC.timeout_seconds,
     "steps": [step.model_dump(mode="json") for step in _SPEC.steps],
+    "exclusive": False,
     "created_at": AT,
 }
 
-SAGA_START: dict[str, Any] = {"definition": "checkout", "input": {"amount": 42}}
+SAGA_START: dict[str, Any] = {
+    "definition": "checkout",
+    "input": {"amount": 42},
+    "business_key": "order-1001",
+    "labels": {"channel": "web"},
+}
 
 
 def _step(name: str, status: str, response: Any, code: int | None) -> dict[str, Any]:
@@ -104,6 +110,8 @@ SAGA_OUT: dict[str, Any] = {
     "status": "running",
     "input": {"amount": 42},
     "idempotency_key": "order-1001",
+    "business_key": "order-1001",
+    "labels": {"channel": "web"},
     "created_at": AT,
     "updated_at": LATER,
     "finished_at": None,

@@ -73,11 +73,15 @@ def _document(
         ),
         **problems(
             *V1,
+            409,
             415,
             422,
             notes={
+                409: "The definition is exclusive and another saga of it with this "
+                "business_key is not finished yet; `Location` names that saga.",
                 422: "Invalid fields, a bad Idempotency-Key, an unknown definition or version, "
-                "or an Idempotency-Key used before with another definition or input.",
+                "no business_key on an exclusive definition, or an Idempotency-Key used "
+                "before with another definition, input, business_key or labels.",
                 503: "The database is unavailable, or (with `fail_fast`) the first service's "
                 "circuit is open; retry after `Retry-After` seconds.",
             },
@@ -120,6 +124,8 @@ async def start_saga(
             traceparent=traceparent,
             request_id=request_id_var.get(),
             fail_fast=fail_fast,
+            business_key=body.business_key,
+            labels=body.labels,
         )
     )
     headers = {"Location": f"/v1/sagas/{saga.id}"}
@@ -145,14 +151,28 @@ async def list_sagas(
     definition: Annotated[
         str | None, Query(pattern=NAME_PATTERN, description="Only sagas of this definition")
     ] = None,
+    business_key: Annotated[
+        str | None,
+        Query(min_length=1, max_length=255, description="Only sagas with this business key"),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        Query(
+            max_length=16,
+            description="`key:value`; repeat it for more labels: only sagas that have all",
+        ),
+    ] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
 ) -> Page[SagaSummaryOut]:
-    """Sagas, newest first, optionally only those with a `status` or of a `definition`.
+    """Sagas, newest first, optionally only those with a `status`, of a `definition`, with a
+    `business_key` and with every `label` (`key:value`, repeatable); filters combine.
 
     Items leave out the saga's `input` and its steps' `response` (they can be large);
     `GET /v1/sagas/{id}` has them."""
-    views = await ctx.sagas.page(limit, status, definition, decode_time_cursor(cursor))
+    views = await ctx.sagas.page(
+        limit, status, definition, decode_time_cursor(cursor), business_key, label
+    )
     return Page[SagaSummaryOut](
         items=[SagaSummaryOut.of(v) for v in views], next_cursor=time_cursor_after(views, limit)
     )

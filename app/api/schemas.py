@@ -9,6 +9,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.definition import CircuitBreakerConfig, Document, Name, StepSpec
+from app.core.labels import BusinessKey, Labels
 from app.core.states import CircuitState, SagaStatus, StepStatus
 from app.core.views import DefinitionRecord, SagaSummary, SagaView, ServiceRecord
 
@@ -92,6 +93,7 @@ class DefinitionOut(BaseModel):
     description: str
     timeout_seconds: float | None
     steps: list[StepSpec]
+    exclusive: bool = False
     created_at: datetime
 
     @classmethod
@@ -103,6 +105,7 @@ class DefinitionOut(BaseModel):
             description=record.spec.description,
             timeout_seconds=record.spec.timeout_seconds,
             steps=record.spec.steps,
+            exclusive=record.spec.exclusive,
             created_at=record.created_at,
         )
 
@@ -113,6 +116,8 @@ class SagaStart(Document):
     definition: Name
     version: Annotated[int, Field(ge=1, le=2_000_000_000)] | None = None
     input: Any = Field(default_factory=dict)
+    business_key: BusinessKey | None = None
+    labels: Labels = Field(default_factory=dict)
 
 
 class StepOut(BaseModel):
@@ -134,6 +139,8 @@ class SagaOut(BaseModel):
     status: SagaStatus
     input: Any
     idempotency_key: str | None
+    business_key: str | None
+    labels: dict[str, str]
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
@@ -151,6 +158,8 @@ class SagaOut(BaseModel):
             status=view.status,
             input=view.input,
             idempotency_key=view.idempotency_key,
+            business_key=view.business_key,
+            labels=view.labels,
             created_at=view.created_at,
             updated_at=view.updated_at,
             finished_at=view.finished_at,
@@ -183,6 +192,8 @@ class SagaSummaryOut(BaseModel):
     definition_version: int
     status: SagaStatus
     idempotency_key: str | None
+    business_key: str | None
+    labels: dict[str, str]
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None

@@ -51,6 +51,8 @@ RESERVED_HEADERS = frozenset(
 )
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["checkout"])]
+# Definition fields added after v1, with their defaults (see `content_hash`).
+ADDED_FIELDS: dict[str, Any] = {"exclusive": False}
 
 
 def check_json(value: Any, where: str = "body", depth: int = 0) -> None:
@@ -305,12 +307,21 @@ class DefinitionSpec(Document):
     description: str = Field(default="", max_length=4096)
     timeout_seconds: float | None = Field(default=None, gt=0, le=31 * 86400)
     steps: list[StepSpec] = Field(min_length=1, max_length=200)
+    exclusive: bool = Field(
+        default=False,
+        description="At most one non-terminal saga of this definition per business_key; "
+        "a start needs a business_key.",
+    )
 
     def content_hash(self) -> str:
-        """Hash of the normalised document (defaults filled in), for idempotent registration."""
-        canonical = json.dumps(
-            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        )
+        """Hash of the normalised document (defaults filled in), for idempotent registration.
+        A field added since v1 counts only when it is not at its default, so that a
+        definition registered before it existed keeps its hash (and its version)."""
+        document = self.model_dump(mode="json")
+        for field, default in ADDED_FIELDS.items():
+            if document.get(field) == default:
+                document.pop(field, None)
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any
@@ -66,6 +66,8 @@ class SagaView:
     deadline_at: datetime | None
     cancel_requested: bool
     steps: list[StepView]
+    business_key: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +101,15 @@ class SagaSummary:
     deadline_at: datetime | None
     cancel_requested: bool
     steps: list[StepSummary]
+    business_key: str | None
+    labels: dict[str, str]
 
 
 class StartResult(Enum):
     CREATED = "created"
     REPLAYED = "replayed"
     MISMATCH = "mismatch"
+    BUSY = "busy"  # exclusive definition: another non-terminal saga holds the business key
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,8 @@ class NewSaga:
     key_ttl_seconds: float
     request_id: str | None = None
     traceparent: str | None = None
+    business_key: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class CancelResult(Enum):
@@ -170,3 +177,22 @@ class Handoff:
 
     worker: str
     lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one retention pass deleted (or, dry, would delete), by table."""
+
+    sagas: int = 0
+    saga_steps: int = 0
+    saga_events: int = 0
+    idempotency_keys: int = 0
+    dead_letters: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        mine, theirs = self.counts(), other.counts()
+        return Pruned(**{name: mine[name] + theirs[name] for name in mine})
+
+    def counts(self) -> dict[str, int]:
+        """Table name -> rows."""
+        return {name: getattr(self, name) for name in self.__slots__}

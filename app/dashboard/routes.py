@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Awaitable
 from pathlib import Path
@@ -170,21 +171,54 @@ async def sagas(
     request: Request,
     ctx: Ctx,
     cookie: Session,
-    status: SagaStatus | None = None,
-    definition: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    status: Annotated[str | None, Query(max_length=32)] = None,
+    definition: Annotated[str | None, Query(max_length=64)] = None,
     q: Annotated[str | None, Query(max_length=255)] = None,
+    business_key: Annotated[str | None, Query(max_length=255)] = None,
+    label: Annotated[list[str] | None, Query(max_length=16)] = None,
 ) -> HTMLResponse:
-    items = await Dashboard(ctx).sagas(status, definition, q.strip() if q else None)
+    # The form sends every field, empty ones included: empty means "any".
+    labels = [text.strip() for text in label or [] if text.strip()]
+    try:
+        wanted = _saga_status(status)
+        definition = _definition_name(definition)
+        items = await Dashboard(ctx).sagas(
+            wanted, definition, q.strip() if q else None, business_key or None, labels
+        )
+    except Problem as refused:
+        response = render(
+            request, "message.html", cookie, title="Bad filter", message=refused.detail
+        )
+        response.status_code = refused.status
+        return response
     return render(
         request,
         "sagas.html",
         cookie,
         items=items,
-        status=status,
         definition=definition,
+        status=wanted,
         q=q or "",
+        business_key=business_key or "",
+        labels=labels,
         statuses=list(SagaStatus),
     )
+
+
+def _saga_status(text: str | None) -> SagaStatus | None:
+    if not text:
+        return None
+    try:
+        return SagaStatus(text)
+    except ValueError:
+        statuses = ", ".join(s.value for s in SagaStatus)
+        raise Problem(422, f"status must be one of {statuses}") from None
+
+
+def _definition_name(text: str | None) -> str | None:
+    if text and not re.match(NAME_PATTERN, text):
+        raise Problem(422, f"definition must match {NAME_PATTERN}")
+    return text or None
 
 
 @pages.get("/sagas/{saga_id}")

@@ -131,12 +131,19 @@ class Dashboard:
         }
 
     async def sagas(
-        self, status: SagaStatus | None, definition: str | None, query: str | None
+        self,
+        status: SagaStatus | None,
+        definition: str | None,
+        query: str | None,
+        business_key: str | None = None,
+        labels: list[str] | None = None,
     ) -> list[SagaOut | SagaSummaryOut]:
+        """The search box (an id or an idempotency key), else a filtered page: status,
+        definition, business key and `key:value` labels, all of which must match."""
         if query:
             view = await self.ctx.sagas.find(query)
             return [SagaOut.of(view)] if view else []
-        views = await self.ctx.sagas.page(100, status, definition, None)
+        views = await self.ctx.sagas.page(100, status, definition, None, business_key, labels)
         return [SagaSummaryOut.of(v) for v in views]
 
     async def dead_letters(self, status: DeadLetterStatus | None) -> list[DeadLetterOut]:

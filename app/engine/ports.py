@@ -18,6 +18,7 @@ from app.core.definition import DefinitionSpec, ServiceSpec
 from app.core.outcome import CallResult
 from app.core.requests import HttpRequest
 from app.core.states import Direction, SagaStatus
+from app.core.views import Pruned
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +157,11 @@ class SagaRepository(Protocol):
 
     async def close(self) -> None:
         """Give back what the repository holds (its connections); the executor stopped."""
+        ...
+
+    async def prune_finished(self, older_than_seconds: float) -> Pruned | None:
+        """Delete sagas finished more than `older_than_seconds` ago (retention), in small
+        batches; None when another process is doing it now."""
         ...
 
     def outage(self, error: BaseException) -> bool:

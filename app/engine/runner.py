@@ -50,6 +50,7 @@ class EngineConfig:
     poll_interval_seconds: float = 1.0
     shutdown_grace_seconds: float = 20.0
     failpoint: str | None = None
+    retention_seconds: float | None = None  # None: finished sagas are kept forever
 
 
 class Executor:
@@ -186,6 +187,21 @@ class Executor:
                 await self.repo.prune_idempotency_keys()
             except Exception as exc:
                 log.warning("pruning idempotency keys failed", extra={"error": describe_error(exc)})
+            if self.config.retention_seconds:
+                await self.prune_finished(self.config.retention_seconds)
+
+    async def prune_finished(self, older_than_seconds: float) -> None:
+        """One retention pass (unless another process runs one), counted in the metrics."""
+        try:
+            pruned = await self.repo.prune_finished(older_than_seconds)
+        except Exception as exc:
+            log.warning("pruning finished sagas failed", extra={"error": describe_error(exc)})
+            return
+        if pruned is None or not pruned.sagas:
+            return
+        for table, rows in pruned.counts().items():
+            self.metrics.pruned_rows.labels(table).inc(rows)
+        log.info("pruned finished sagas", extra=pruned.counts())
 
     # --- one saga ----------------------------------------------------------------------
 

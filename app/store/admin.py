@@ -8,9 +8,10 @@ from typing import Any
 
 from sqlalchemy import select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.deadletters import Refusal, plan_discard, plan_retry
+from app.core.deadletters import Refusal, RetryPlan, plan_discard, plan_retry
 from app.core.states import DeadLetterStatus, Direction, EventType, SagaStatus
 from app.core.views import ActionResult, DeadLetterView
 from app.store.registry import audit
@@ -120,23 +121,14 @@ class AdminStore:
                     "forward": plan.reset_attempts,
                 },
             )
-            await conn.execute(
-                text(
-                    """
-                    UPDATE sagas SET status = :status, due_at = now(), updated_at = now(),
-                           crashes = 0,
-                           finished_at = CASE WHEN :keep_finished THEN finished_at END,
-                           error = CASE WHEN :clear_error THEN NULL ELSE error END
-                     WHERE id = :saga
-                    """
-                ),
-                {
-                    "saga": row.saga_id,
-                    "status": plan.saga_status.value,
-                    "keep_finished": plan.keep_finished,
-                    "clear_error": plan.clear_error,
-                },
-            )
+            try:
+                await self._resume(conn, row.saga_id, plan)
+            except IntegrityError:  # uq_sagas_exclusive: its business key is taken again
+                await conn.rollback()
+                return ActionResult.CONFLICT, (
+                    "the definition is exclusive and another saga with this saga's business "
+                    "key is running now; retry once it has finished"
+                )
             await self._resolve(conn, dl_id, DeadLetterStatus.RETRIED, actor, None)
             await conn.execute(
                 insert(SagaEvent).values(
@@ -150,6 +142,27 @@ class AdminStore:
             await self._audit(conn, actor, "dead_letter.retry", str(dl_id), {})
             await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": SAGA_WORK_CHANNEL})
         return ActionResult.DONE, "retrying"
+
+    async def _resume(self, conn: AsyncConnection, saga_id: uuid.UUID, plan: RetryPlan) -> None:
+        """The saga goes back to work (a failed one may leave the terminal statuses: on an
+        exclusive definition that needs its business key to be free)."""
+        await conn.execute(
+            text(
+                """
+                UPDATE sagas SET status = :status, due_at = now(), updated_at = now(),
+                       crashes = 0,
+                       finished_at = CASE WHEN :keep_finished THEN finished_at END,
+                       error = CASE WHEN :clear_error THEN NULL ELSE error END
+                 WHERE id = :saga
+                """
+            ),
+            {
+                "saga": saga_id,
+                "status": plan.saga_status.value,
+                "keep_finished": plan.keep_finished,
+                "clear_error": plan.clear_error,
+            },
+        )
 
     async def discard_dead_letter(
         self, dl_id: uuid.UUID, actor: str, reason: str

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import orjson
+from psycopg.errors import UniqueViolation
 from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -23,6 +24,7 @@ from app.core.views import Handoff, NewSaga, SagaDocument, StartResult
 from app.store.sagas import SAGA_WORK_CHANNEL
 
 NULL = orjson.Fragment(b"null")
+_BUSY_TRIES = 3
 _DUMP = orjson.OPT_UTC_Z
 
 
@@ -39,14 +41,16 @@ WITH key AS (
 ), saga AS (
   INSERT INTO sagas (id, definition_id, definition_name, definition_version, status, input,
                      idempotency_key, deadline_at, request_id, traceparent, due_at,
-                     lease_owner, lease_epoch, lease_expires_at)
+                     lease_owner, lease_epoch, lease_expires_at, business_key, labels,
+                     exclusive)
   SELECT %(id)s, %(definition_id)s, %(name)s, %(version)s, 'running', %(input)s, %(key)s,
          now() + make_interval(secs => %(timeout)s), %(request_id)s, %(traceparent)s,
          CASE WHEN %(owner)s::text IS NULL THEN now()
               ELSE now() + make_interval(secs => %(lease)s) END,
          %(owner)s, CASE WHEN %(owner)s::text IS NULL THEN 0 ELSE 1 END,
          CASE WHEN %(owner)s::text IS NULL THEN NULL
-              ELSE now() + make_interval(secs => %(lease)s) END
+              ELSE now() + make_interval(secs => %(lease)s) END,
+         %(business_key)s, %(labels)s, %(exclusive)s
    WHERE %(key)s::text IS NULL OR EXISTS (SELECT 1 FROM key)
   RETURNING id, created_at, updated_at, deadline_at, now() AS db_now
 ), steps AS (
@@ -63,11 +67,19 @@ SELECT saga.*, (SELECT count(*) FROM notified) AS notified FROM saga
 
 _KEY = "SELECT fingerprint, saga_id FROM idempotency_keys WHERE key = %(key)s"
 
+# The saga that holds an exclusive definition's business key (`uq_sagas_exclusive`).
+EXCLUSIVE_INDEX = "uq_sagas_exclusive"
+_HOLDER = """
+SELECT id FROM sagas
+ WHERE definition_name = %(name)s AND business_key = %(business_key)s
+   AND exclusive AND status IN ('running', 'compensating')
+"""
+
 # Every saga has at least one step: one row per step, the saga's columns on each.
 _VIEW = """
 SELECT s.id, s.definition_name, s.definition_version, s.status, s.input::text AS input,
        s.idempotency_key, s.created_at, s.updated_at, s.finished_at, s.deadline_at,
-       s.cancel_requested, s.error::text AS error,
+       s.cancel_requested, s.error::text AS error, s.business_key, s.labels::text AS labels,
        st.name AS step_name, st.status AS step_status, st.attempts, st.compensation_attempts,
        st.status_code, st.response::text AS response, st.last_error::text AS last_error,
        st.started_at, st.finished_at AS step_finished_at, now() AS db_now
@@ -99,7 +111,10 @@ class SagaDocuments:
         same key waits for this one's statement and then finds its key taken.
 
         CREATED comes with the new saga's document (nothing to read back); REPLAYED and
-        MISMATCH with the id of the saga the key already started."""
+        MISMATCH with the id of the saga the key already started; BUSY (an exclusive
+        definition) with the id of the non-terminal saga that holds the business key. The
+        unique index decides BUSY, so concurrent starts on any replica create one saga;
+        the refused statement stores nothing, its Idempotency-Key included."""
         saga_id = uuid.uuid4()
         spec = new.definition.spec
         params: dict[str, Any] = {
@@ -119,9 +134,26 @@ class SagaDocuments:
             "lease": handoff.lease_seconds if handoff else 0,
             "steps": [s.name for s in spec.steps],
             "channel": SAGA_WORK_CHANNEL,
+            "business_key": new.business_key,
+            "labels": Jsonb(new.labels),
+            "exclusive": spec.exclusive,
         }
         async with self.pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
-            await cur.execute(_START, params)
+            for _ in range(_BUSY_TRIES):
+                try:
+                    await cur.execute(_START, params)
+                except UniqueViolation as exc:
+                    if exc.diag.constraint_name != EXCLUSIVE_INDEX:
+                        raise
+                    # Another non-terminal saga holds the key; it may have ended since.
+                    await cur.execute(_HOLDER, params)
+                    holder: Any = await cur.fetchone()
+                    if holder is not None:
+                        return StartResult.BUSY, holder.id
+                    continue
+                break
+            else:
+                raise RuntimeError("the business key stays taken by sagas that end at once")
             row: Any = await cur.fetchone()
             if row is None:
                 await cur.execute(_KEY, {"key": new.idempotency_key})
@@ -140,6 +172,8 @@ class SagaDocuments:
             "status": SagaStatus.RUNNING.value,
             "input": _json(new.input),
             "idempotency_key": new.idempotency_key,
+            "business_key": new.business_key,
+            "labels": new.labels,
             "created_at": row.created_at,
             "updated_at": row.updated_at,
             "finished_at": None,
@@ -187,6 +221,8 @@ class SagaDocuments:
             "status": first.status,
             "input": _raw(first.input),
             "idempotency_key": first.idempotency_key,
+            "business_key": first.business_key,
+            "labels": _raw(first.labels),
             "created_at": first.created_at,
             "updated_at": first.updated_at,
             "finished_at": first.finished_at,

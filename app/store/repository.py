@@ -31,6 +31,7 @@ from app.core.states import (
     StepStatus,
     WaitReason,
 )
+from app.core.views import Pruned
 from app.engine.ports import (
     Applied,
     CancelFirst,
@@ -46,6 +47,7 @@ from app.engine.ports import (
 from app.store import engine_sql as sql
 from app.store.pool import open_pool
 from app.store.registry import Registry, service_spec
+from app.store.retention import Retention
 from app.store.sagas import SAGA_DONE_CHANNEL
 
 
@@ -486,6 +488,9 @@ class PgSagaRepository:
 
     def outage(self, error: BaseException) -> bool:
         return isinstance(error, _OUTAGES)
+
+    async def prune_finished(self, older_than_seconds: float) -> Pruned | None:
+        return await Retention(self.engine).prune(older_than_seconds)
 
     async def prune_idempotency_keys(self, batch: int = 1000) -> int:
         async with self.engine.begin() as conn:

@@ -59,6 +59,8 @@ def _saga_view(row: Any, steps: list[StepView]) -> SagaView:
         deadline_at=row.deadline_at,
         cancel_requested=row.cancel_requested,
         steps=steps,
+        business_key=row.business_key,
+        labels=row.labels,
     )
 
 
@@ -74,6 +76,8 @@ _SUMMARY_COLUMNS = (
     Saga.error,
     Saga.deadline_at,
     Saga.cancel_requested,
+    Saga.business_key,
+    Saga.labels,
 )
 _STEP_SUMMARY_COLUMNS = (
     SagaStep.name,
@@ -203,8 +207,12 @@ class SagaStore:
         status: SagaStatus | None = None,
         definition: str | None = None,
         before: tuple[datetime, uuid.UUID] | None = None,
+        business_key: str | None = None,
+        labels: dict[str, str] | None = None,
     ) -> list[SagaSummary]:
-        """Newest first; `before` is the (created_at, id) of the last item already seen."""
+        """Newest first; `before` is the (created_at, id) of the last item already seen.
+        `labels`: only sagas that have every one of these pairs (`labels @> …`, on the
+        GIN index); `business_key` walks its own index in list order."""
         stmt = (
             select(*_SUMMARY_COLUMNS).order_by(Saga.created_at.desc(), Saga.id.desc()).limit(limit)
         )
@@ -212,6 +220,10 @@ class SagaStore:
             stmt = stmt.where(Saga.status == status)
         if definition is not None:
             stmt = stmt.where(Saga.definition_name == definition)
+        if business_key is not None:
+            stmt = stmt.where(Saga.business_key == business_key)
+        if labels:
+            stmt = stmt.where(Saga.labels.contains(labels))
         if before is not None:
             stmt = stmt.where(tuple_(Saga.created_at, Saga.id) < tuple_(*before))
         async with self.engine.connect() as conn:

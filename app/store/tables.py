@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Double,
     Enum,
@@ -168,6 +169,34 @@ class Saga(Base):
             "status",
             postgresql_where=text("status IN ('running', 'compensating')"),
         ),
+        # `?business_key=`, newest first; most sagas may have none.
+        Index(
+            "ix_sagas_business_key",
+            "business_key",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_where=text("business_key IS NOT NULL"),
+        ),
+        # `?label=k:v`: containment (`labels @> '{"k": "v"}'`).
+        Index(
+            "ix_sagas_labels",
+            "labels",
+            postgresql_using="gin",
+            postgresql_ops={"labels": "jsonb_path_ops"},
+        ),
+        # An exclusive definition: at most one non-terminal saga per business key. The
+        # database holds the rule, whatever the number of API replicas; a saga leaves the
+        # index with the commit that makes it terminal.
+        Index(
+            "uq_sagas_exclusive",
+            "definition_name",
+            "business_key",
+            unique=True,
+            postgresql_where=text("exclusive AND status IN ('running', 'compensating')"),
+        ),
+        CheckConstraint("NOT exclusive OR business_key IS NOT NULL", name="exclusive_needs_key"),
+        # Retention walks finished sagas, oldest first.
+        Index("ix_sagas_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -201,6 +230,12 @@ class Saga(Base):
     # Unexpected errors of the executor on this saga since it last made progress; at
     # CRASH_LIMIT the saga is parked for an operator instead of being claimed again.
     crashes: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    # The caller's business key and labels (to find the saga again), and whether it was
+    # started on an `exclusive` definition (then its business key is unique among the
+    # non-terminal sagas of the definition: `uq_sagas_exclusive`).
+    business_key: Mapped[str | None] = mapped_column(Text)
+    labels: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    exclusive: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class SagaStep(Base):
@@ -267,6 +302,8 @@ class DeadLetter(Base):
     __tablename__ = "dead_letters"
     __table_args__ = (
         Index("ix_dead_letters_status_created", "status", text("created_at DESC")),
+        # A saga's dead letters (retention checks and deletes them by saga).
+        Index("ix_dead_letters_saga", "saga_id"),
         # At most one open dead letter per step and direction.
         Index(
             "uq_dead_letters_open",

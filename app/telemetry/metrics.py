@@ -50,6 +50,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.pruned_rows = Counter(
+            "saga_pruned_rows",
+            "Rows deleted by retention (SAGA_RETENTION_HOURS), by table.",
+            ["table"],
+            registry=r,
+        )
         self.local_in_flight = Gauge(
             "saga_executor_calls_in_flight", "Calls this process has in flight.", registry=r
         )

@@ -9,10 +9,11 @@ import json
 import math
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from app.core.labels import label_filters, printable_problem
 from app.core.states import SagaStatus
 from app.core.views import (
     CancelResult,
@@ -44,17 +45,39 @@ class StartRequest:
     traceparent: str | None = None
     request_id: str | None = None
     fail_fast: bool = False
+    business_key: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def fingerprint(request: StartRequest) -> str:
-    """What an idempotency key is bound to: definition, requested version and input."""
+    """What an idempotency key is bound to: definition, requested version and input, and
+    the business key and labels when there are any (a start without them fingerprints as
+    it did before they existed, so keys stored before keep replaying)."""
+    bound: dict[str, Any] = {
+        "definition": request.definition,
+        "version": request.version,
+        "input": request.input,
+    }
+    if request.business_key is not None:
+        bound["business_key"] = request.business_key
+    if request.labels:
+        bound["labels"] = request.labels
     canonical = json.dumps(
-        {"definition": request.definition, "version": request.version, "input": request.input},
+        bound,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _bad_filter(name: str, message: str) -> Problem:
+    return Problem(
+        422,
+        message,
+        slug="bad-filter",
+        errors=[{"loc": ["query", name], "msg": message, "type": "value_error"}],
+    )
 
 
 def _unknown_saga(saga_id: uuid.UUID) -> Problem:
@@ -127,6 +150,19 @@ class Sagas:
                     }
                 ],
             )
+        if definition.spec.exclusive and request.business_key is None:
+            raise Problem(
+                422,
+                f"definition '{definition.name}' is exclusive: a start needs a business_key",
+                slug="business-key-required",
+                errors=[
+                    {
+                        "loc": ["body", "business_key"],
+                        "msg": "required by an exclusive definition",
+                        "type": "missing",
+                    }
+                ],
+            )
         first = definition.spec.steps[0].action.service
         if request.fail_fast and first is not None:
             wait = await self.admin.circuit_wait_seconds(first)
@@ -146,6 +182,8 @@ class Sagas:
             key_ttl_seconds=self.key_ttl_seconds,
             request_id=request.request_id,
             traceparent=trace if trace and _TRACEPARENT.match(trace) else None,
+            business_key=request.business_key,
+            labels=request.labels,
         )
         handoff = self.local.handoff() if self.local else None
         result, created = await self.documents.start(new, handoff)
@@ -156,8 +194,17 @@ class Sagas:
         if result is StartResult.MISMATCH:
             raise Problem(
                 422,
-                "this Idempotency-Key was used with a different definition or input",
+                "this Idempotency-Key was used with a different definition, input, "
+                "business_key or labels",
                 slug="idempotency-key-reused",
+            )
+        if result is StartResult.BUSY:
+            raise Problem(
+                409,
+                f"definition '{definition.name}' is exclusive and saga {created} with "
+                f"business_key {request.business_key!r} is not finished yet: follow Location",
+                slug="business-key-busy",
+                headers={"Location": f"/v1/sagas/{created}"},
             )
         return result, await self.document(created)
 
@@ -200,8 +247,21 @@ class Sagas:
         status: SagaStatus | None,
         definition: str | None,
         before: tuple[datetime, uuid.UUID] | None,
+        business_key: str | None = None,
+        labels: list[str] | None = None,
     ) -> list[SagaSummary]:
-        return await self.store.list_page(limit, status, definition, before)
+        """A page of sagas, newest first. `labels` are `key:value` filters; all must match."""
+        if business_key is not None and (problem := printable_problem(business_key)):
+            raise _bad_filter("business_key", f"business_key {problem}")
+        try:
+            wanted = label_filters(labels or [])
+        except ValueError as exc:
+            raise _bad_filter("label", str(exc)) from None
+        if wanted is None:  # one key asked with two values: nothing can match
+            return []
+        return await self.store.list_page(
+            limit, status, definition, before, business_key=business_key, labels=wanted
+        )
 
     async def find(self, query: str) -> SagaView | None:
         """A saga by its id or its idempotency key (the dashboard's search)."""

@@ -554,3 +554,68 @@ async def test_a_non_ascii_session_cookie_is_no_session_not_a_server_error(dash:
         r = await client.get("/admin", headers={b"cookie": f"{COOKIE}=1.2.\xe9".encode("latin-1")})
     assert r.status_code == 303, f"{r.status_code}: {r.text[:300]}"
     assert r.headers["location"].partition("?")[0] == "/admin/login"
+
+
+# --- business keys and labels -------------------------------------------------------------
+
+
+async def test_search_sagas_by_business_key_and_labels(
+    dash: Dash, orchestrator: httpx.AsyncClient, participant: Participant
+) -> None:
+    await setup_checkout(orchestrator, participant)
+    made: dict[str, str] = {}
+    for key, labels in (
+        ("order-1", {"tenant": "acme", "channel": "web"}),
+        ("order-2", {"tenant": "acme", "channel": "shop"}),
+        ("order-3", {"tenant": "umbrella", "channel": "web"}),
+    ):
+        r = await orchestrator.post(
+            "/v1/sagas",
+            json={
+                "definition": "checkout",
+                "input": {"order": 1},
+                "business_key": key,
+                "labels": labels,
+            },
+        )
+        assert r.status_code == 201, r.text
+        made[key] = r.json()["id"]
+    await run(orchestrator)  # one without key or labels
+    await dash.login()
+
+    async def shown() -> set[str]:
+        rows = dash.page.locator("#sagas tr td.business-key")
+        return {(await rows.nth(i).text_content() or "").strip() for i in range(await rows.count())}
+
+    await dash.goto("/admin/sagas")
+    assert await shown() == {"order-1", "order-2", "order-3", ""}
+    await dash.page.fill("#business-key", "order-2")
+    await dash.page.get_by_role("button", name="Filter").click()
+    await dash.page.wait_for_url("**business_key=order-2**")
+    assert await shown() == {"order-2"}
+
+    await dash.page.fill("#business-key", "")
+    await dash.page.locator("input.label-filter").last.fill("tenant:acme")
+    await dash.page.get_by_role("button", name="Filter").click()
+    await dash.page.wait_for_url("**label=tenant%3Aacme**")
+    assert await shown() == {"order-1", "order-2"}
+    # The filter stays in the form; another label narrows it down.
+    assert await dash.page.locator("input.label-filter").first.input_value() == "tenant:acme"
+    await dash.page.locator("input.label-filter").last.fill("channel:web")
+    await dash.page.get_by_role("button", name="Filter").click()
+    await dash.page.wait_for_url("**channel%3Aweb**")
+    assert await shown() == {"order-1"}
+    await dash.shot("sagas-by-label")
+
+    await dash.page.locator(f"a[href='/admin/sagas/{made['order-1']}']").click()
+    await dash.page.locator("#business-key").wait_for()
+    assert (await dash.page.locator("#business-key").text_content() or "") == "order-1"
+    labels = await dash.page.locator("#labels").text_content() or ""
+    assert "channel:web" in labels and "tenant:acme" in labels, labels
+    await dash.page.locator("#labels a", has_text="tenant:acme").click()
+    await dash.page.wait_for_url("**/admin/sagas?label=**")
+    assert await shown() == {"order-1", "order-2"}
+
+    bad = await dash.goto("/admin/sagas?label=no-colon")
+    assert bad == 422
+    assert "key:value" in (await dash.page.text_content("body") or "")

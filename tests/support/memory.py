@@ -347,6 +347,9 @@ class MemoryRepository:
     async def close(self) -> None:
         self.closed = True
 
+    async def prune_finished(self, older_than_seconds: float) -> None:
+        return None
+
     def outage(self, error: BaseException) -> bool:
         return False
 
