@@ -169,6 +169,7 @@ def isolation(spec: DefinitionSpec, services: Services, plan: Sequence[StepPlan]
     found = []
     for step in spec.steps:
         problems = []
+        unknown: list[str] = []
         for field, service, url in _calls(step):
             if url is not None:
                 problems.append(
@@ -176,12 +177,14 @@ def isolation(spec: DefinitionSpec, services: Services, plan: Sequence[StepPlan]
                     "bulkhead guards: register the host as a service and call it by "
                     "service and path"
                 )
-            elif service is not None and (services is None or service not in services):
-                problems.append(
-                    f"its {field} calls service '{service}', which is not known here, so its "
-                    "circuit breaker cannot be checked: register it (PUT /v1/services/"
-                    f"{service}), or give its document with --services"
-                )
+            elif service and service not in unknown and service not in (services or {}):
+                unknown.append(service)
+        for service in unknown:
+            problems.append(
+                f"it calls service '{service}', which is not known here, so its circuit "
+                f"breaker cannot be checked: register it (PUT /v1/services/{service}), or "
+                "give its document with --services"
+            )
         if problems:
             found.append(Finding(Rule.ISOLATION, False, step.name, "; ".join(problems)))
     return found
