@@ -174,12 +174,13 @@ class FailureOut(BaseModel):
 
 
 class FailuresOut(BaseModel):
-    """One entry per failure kind; null where that kind cannot happen."""
+    """One entry per failure kind; null where that kind cannot happen (every kind of a
+    step the saga never reaches, when its deadline passes at once)."""
 
-    http_4xx: FailureOut = Field(description="A status not in retry_on_status.")
-    http_5xx: FailureOut = Field(description="A retried status, every attempt failing.")
-    timeout: FailureOut = Field(description="No answer within the attempt's timeout.")
-    connection: FailureOut = Field(description="The connection is refused (nothing sent).")
+    http_4xx: FailureOut | None = Field(description="A status not in retry_on_status.")
+    http_5xx: FailureOut | None = Field(description="A retried status, every attempt failing.")
+    timeout: FailureOut | None = Field(description="No answer within the attempt's timeout.")
+    connection: FailureOut | None = Field(description="The connection is refused (nothing sent).")
     circuit_open: FailureOut | None = Field(
         description="The service's circuit stays open (null: an absolute URL has no breaker)."
     )

@@ -226,9 +226,20 @@ def deadline_reachable(
     found = []
     total = 0.0
     for step_plan in plan:
+        if all(f is None for f in step_plan.failures.values()):
+            found.append(
+                Finding(
+                    Rule.DEADLINE_REACHABLE,
+                    False,
+                    step_plan.name,
+                    f"the saga's timeout_seconds ({_seconds(deadline)}) passes before this "
+                    "step is even reached: raise timeout_seconds",
+                )
+            )
+            continue
         retried = [(k, f) for k in RETRIED_KINDS if (f := step_plan.failures[k]) is not None]
         cut = [k.value for k, f in retried if f.error_kind is ErrorKind.DEADLINE]
-        total += max(f.retry_window_seconds[1] for _, f in retried)
+        total += max((f.retry_window_seconds[1] for _, f in retried), default=0.0)
         if cut:
             found.append(
                 Finding(

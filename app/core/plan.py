@@ -299,9 +299,10 @@ class _Simulation:
         return service.circuit_breaker if service else CircuitBreakerConfig()
 
 
-def _lead_ins(spec: DefinitionSpec) -> list[SagaState]:
+def _lead_ins(spec: DefinitionSpec) -> list[SagaState | None]:
     """The saga just before each step's first call, every step before it succeeded: the
-    happy path, run once by the same loop (each case of step i starts from its i-th)."""
+    happy path, run once by the same loop (each case of step i starts from its i-th).
+    None for the steps it never reaches (a deadline that passes at once: under 1 µs)."""
     timeout = spec.timeout_seconds
     state = SagaState(
         SagaStatus.RUNNING,
@@ -309,15 +310,15 @@ def _lead_ins(spec: DefinitionSpec) -> list[SagaState]:
         deadline_at=_T0 + timedelta(seconds=timeout) if timeout else None,
     )
     happy = _Simulation(spec, {}, -1, FailureKind.HTTP_4XX, latest, state, {})
-    lead_ins: list[SagaState] = []
+    lead_ins: list[SagaState | None] = []
     while True:
         action = next_action(spec, happy.state, happy.now)
         if isinstance(action, Call) and action.index == len(lead_ins):
             lead_ins.append(happy.state)
         if not happy._advance():
             break
-    assert happy.now == _T0 and len(lead_ins) == len(spec.steps)
-    return lead_ins
+    assert happy.now == _T0
+    return lead_ins + [None] * (len(spec.steps) - len(lead_ins))
 
 
 def _applies(spec: DefinitionSpec, step: StepSpec, kind: FailureKind) -> bool:
@@ -333,10 +334,10 @@ def _plan_failure(
     index: int,
     kind: FailureKind,
     services: Mapping[str, ServiceSpec],
-    lead_in: SagaState,
+    lead_in: SagaState | None,
     tails: _Tails,
 ) -> Failure | None:
-    if not _applies(spec, spec.steps[index], kind):
+    if lead_in is None or not _applies(spec, spec.steps[index], kind):
         return None
     slow = _Simulation(spec, services, index, kind, latest, lead_in, tails).run()
     fast = slow
@@ -366,7 +367,8 @@ def failure_plan(
     spec: DefinitionSpec, services: Mapping[str, ServiceSpec] | None = None
 ) -> tuple[StepPlan, ...]:
     """Every step and failure kind (None where a kind cannot happen: `circuit_open` for
-    an absolute URL, `deadline` without the saga's `timeout_seconds`). `services` gives
+    an absolute URL, `deadline` without the saga's `timeout_seconds`, any kind for a
+    step the saga never reaches). `services` gives
     timeouts and breakers by name; a service it lacks is taken with the defaults (10 s
     timeout, a breaker of 5 failures and 30 s)."""
     known = services or {}

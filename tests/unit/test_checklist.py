@@ -198,3 +198,9 @@ def test_retries_that_fit_alone_but_not_together() -> None:
 def test_no_deadline_is_always_reachable() -> None:
     slow = {"max_attempts": 10, "initial_interval_seconds": 60, "max_interval_seconds": 600}
     assert faults(definition(step("a", retry=slow)), Rule.DEADLINE_REACHABLE) == []
+
+
+def test_a_deadline_that_passes_before_the_steps_are_reached() -> None:
+    found = faults(definition(step("a"), step("b"), timeout_seconds=1e-7), Rule.DEADLINE_REACHABLE)
+    assert [f.step for f in found] == ["a", "b"]
+    assert "before this step is even reached" in found[0].message

@@ -297,3 +297,8 @@ def test_a_long_definition_is_planned_whole() -> None:
     last = plan["s29"][K.HTTP_4XX]
     assert last is not None
     assert last.compensates == tuple(f"s{i}" for i in range(28, -1, -1))
+
+
+def test_a_deadline_under_a_microsecond_is_past_before_the_first_step() -> None:
+    spec = definition(step("a"), step("b"), timeout_seconds=1e-7)
+    assert all(f is None for s in failure_plan(spec) for f in s.failures.values())
