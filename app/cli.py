@@ -1,4 +1,4 @@
-"""The `saga-orchestrator` command: serve, api, worker, migrate, demo."""
+"""The `saga-orchestrator` command: serve, api, worker, migrate, demo, plan."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from app import logs
+from app import cli_plan, logs
 from app.settings import Settings, exposure
 from app.store.db import Database, make_engine, open_database
 from app.store.migrate import upgrade
@@ -62,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit after the report (status 0 when every scenario passed, else 1)",
     )
+    plan = sub.add_parser("plan", help=cli_plan.HELP, description=cli_plan.HELP)
+    plan.add_argument("file", metavar="FILE.json", help="a definition document")
+    plan.add_argument(
+        "--services",
+        metavar="FILE.json",
+        help="service documents by name (or a GET /v1/services answer); without it every "
+        "service is unknown: default timeouts and breakers, and `isolation` says so",
+    )
+    plan.add_argument("--strict", action="store_true", help="exit 1 when a rule is not ok")
+    plan.add_argument("--json", action="store_true", help="print the plan as the API answers it")
     return parser
 
 
@@ -72,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     """Every command stops cleanly on SIGINT (Ctrl-C) and SIGTERM: what it started is
     stopped, the embedded PostgreSQL included, and it exits 0 without a traceback."""
     args = _parser().parse_args(argv)
+    if args.command == "plan":  # no database, no settings: a file in, a plan out
+        sys.exit(cli_plan.plan_command(args.file, args.services, args.strict, args.json))
     settings = Settings()
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _exit_cleanly)

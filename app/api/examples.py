@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.core.definition import DefinitionSpec
+from app.api.schemas import FindingOut, PlanOut
+from app.core.checklist import review
+from app.core.definition import DefinitionSpec, ServiceSpec
 
 SAGA_ID = "0b7e4a52-3c1d-4f7a-9a52-8e2b1c4d5f60"
 DEAD_LETTER_ID = "5d0c8f3e-2b7a-4c19-8e6d-1f2a3b4c5d6e"
@@ -78,6 +80,14 @@ DEFINITION_OUT: dict[str, Any] = {
     "steps": [step.model_dump(mode="json") for step in _SPEC.steps],
     "exclusive": False,
     "created_at": AT,
+}
+
+# The plan of the example definition, as the plan code works it out.
+_REVIEW = review(_SPEC, {"payments": ServiceSpec.model_validate(SERVICE_SPEC)})
+PLAN_OUT: dict[str, Any] = PlanOut.of("checkout", 1, _REVIEW).model_dump(mode="json")
+REGISTERED_OUT: dict[str, Any] = {
+    **DEFINITION_OUT,
+    "warnings": [FindingOut.of(f).model_dump(mode="json") for f in _REVIEW.warnings],
 }
 
 SAGA_START: dict[str, Any] = {

@@ -11,7 +11,14 @@ from app.api.auth import require_api, require_registrar
 from app.api.context import Ctx
 from app.api.openapi import V1, answer, link, problems
 from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
-from app.api.schemas import DefinitionOut, Page, ServiceOut
+from app.api.schemas import (
+    DefinitionOut,
+    FindingOut,
+    Page,
+    PlanOut,
+    RegisteredDefinitionOut,
+    ServiceOut,
+)
 from app.core.definition import (
     NAME_PATTERN,
     DefinitionSpec,
@@ -136,18 +143,18 @@ async def get_service(name: NamePath, ctx: Ctx) -> ServiceOut:
 
 @router.post(
     "/definitions",
-    response_model=DefinitionOut,
+    response_model=RegisteredDefinitionOut,
     status_code=201,
     responses={
         **answer(
             200,
             "Same content as the latest version: that version",
-            examples.DEFINITION_OUT,
-            model=DefinitionOut,
+            examples.REGISTERED_OUT,
+            model=RegisteredDefinitionOut,
             links=DEFINITION_LINKS,
         ),
         **answer(
-            201, "Registered as a new version", examples.DEFINITION_OUT, links=DEFINITION_LINKS
+            201, "Registered as a new version", examples.REGISTERED_OUT, links=DEFINITION_LINKS
         ),
         **problems(
             *REGISTER,
@@ -174,10 +181,18 @@ async def post_definition(
     The same name and content as the latest version answers `200` with that version
     (idempotent); new content answers `201` with `version` + 1. Running sagas keep the
     version they started with.
+
+    `warnings` lists the checklist findings of its failure plan that are not ok (a step
+    with no compensation that a later failure would unwind, retries without jitter, a
+    deadline shorter than the retries, …); they never block registration.
     """
     record, created = await ctx.catalog.register_definition(spec, actor)
     response.status_code = 201 if created else 200
-    return DefinitionOut.of(record)
+    review = await ctx.catalog.review(record.spec)
+    return RegisteredDefinitionOut(
+        **DefinitionOut.of(record).model_dump(),
+        warnings=[FindingOut.of(f) for f in review.warnings],
+    )
 
 
 @router.get(
@@ -230,3 +245,55 @@ async def get_definition_version(
 ) -> DefinitionOut:
     """One version of a definition: what the sagas started on it run."""
     return DefinitionOut.of(await ctx.catalog.definition(name, version))
+
+
+PLAN_DOC = """For every step and failure kind (`http_4xx`, `http_5xx`, `timeout`, `connection`,
+`circuit_open`, `deadline`): how many attempts the step makes, the window in which its
+last attempt can start, what follows (`then`), the compensations that run in order (a
+trailing `?`: that step's outcome is unknown) and the saga's `final_status`; and the
+resilience checklist. Worked out by the engine's own decisions on a simulated saga in
+which that step fails that way on every attempt and every other call succeeds, with the
+services as registered now."""
+PLAN_LINKS = {
+    "GetDefinitionVersion": link(
+        "GET",
+        "/v1/definitions/{name}/versions/{version}",
+        "The version this plan is of",
+        name="$response.body#/definition",
+        version="$response.body#/version",
+    )
+}
+
+
+@router.get(
+    "/definitions/{name}/plan",
+    response_model=PlanOut,
+    summary="Failure plan of the latest version: what happens when each step fails",
+    description=PLAN_DOC,
+    responses={
+        **answer(200, "The plan and the checklist", examples.PLAN_OUT, links=PLAN_LINKS),
+        **problems(*V1, 404, 422, notes={404: "No definition with this name."}),
+    },
+)
+async def get_plan(name: NamePath, ctx: Ctx) -> PlanOut:
+    record, review = await ctx.catalog.plan(name)
+    return PlanOut.of(record.name, record.version, review)
+
+
+@router.get(
+    "/definitions/{name}/versions/{version}/plan",
+    response_model=PlanOut,
+    summary="Failure plan of one version",
+    description=PLAN_DOC,
+    responses={
+        **answer(200, "The plan and the checklist", examples.PLAN_OUT, links=PLAN_LINKS),
+        **problems(*V1, 404, 422, notes={404: "No such definition, or not that version."}),
+    },
+)
+async def get_version_plan(
+    name: NamePath,
+    version: Annotated[int, Path(ge=1, le=2_000_000_000, description="1, 2, …")],
+    ctx: Ctx,
+) -> PlanOut:
+    record, review = await ctx.catalog.plan(name, version)
+    return PlanOut.of(record.name, record.version, review)

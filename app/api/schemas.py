@@ -8,9 +8,11 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.checklist import Finding, Review, Rule
 from app.core.definition import CircuitBreakerConfig, Document, Name, StepSpec
 from app.core.labels import BusinessKey, Labels
-from app.core.states import CircuitState, SagaStatus, StepStatus
+from app.core.plan import Failure, FailureKind, Then
+from app.core.states import CircuitState, ErrorKind, SagaStatus, StepStatus
 from app.core.views import DefinitionRecord, SagaSummary, SagaView, ServiceRecord
 
 REDACTED = "[redacted]"
@@ -107,6 +109,118 @@ class DefinitionOut(BaseModel):
             steps=record.spec.steps,
             exclusive=record.spec.exclusive,
             created_at=record.created_at,
+        )
+
+
+class FindingOut(BaseModel):
+    """One finding of the resilience checklist."""
+
+    rule: Rule
+    ok: bool
+    step: str | None = Field(description="The step at fault; null: the whole definition.")
+    message: str = Field(description="What was found, and what to change.")
+
+    @classmethod
+    def of(cls, finding: Finding) -> FindingOut:
+        return cls(rule=finding.rule, ok=finding.ok, step=finding.step, message=finding.message)
+
+
+class RegisteredDefinitionOut(DefinitionOut):
+    """A definition as registered, with the checklist findings that are not ok."""
+
+    warnings: list[FindingOut] = Field(
+        description="The failure plan's checklist findings that are not ok. They never "
+        "block registration; `GET /v1/definitions/{name}/plan` shows the whole checklist."
+    )
+
+
+class FailureOut(BaseModel):
+    """What one way of failing, on every attempt, leads to."""
+
+    attempts: int = Field(description="Attempts the step makes (0: the call is never made).")
+    retry_window_seconds: tuple[float, float] = Field(
+        description="[lower, upper]: seconds after the first attempt ends in which the last "
+        "one can start: the sums of the retry delays' bounds (jitter and "
+        "max_interval_seconds included; attempt durations and Retry-After aside)."
+    )
+    then: Then = Field(
+        description="compensate, continue (non-critical), fallback, dead_letter (past the "
+        "pivot) or wait (circuit open, no deadline to end the wait)."
+    )
+    compensates: list[str] = Field(
+        description="The steps compensated, in the order their compensations run; a "
+        "trailing `?`: that step's own outcome is unknown. Steps without a compensation "
+        "are left out."
+    )
+    final_status: SagaStatus = Field(
+        description="The saga's status at the end if every compensation succeeds "
+        "(`running`: it waits)."
+    )
+    error_kind: ErrorKind | None = Field(
+        description="The error the saga records (null when it goes on without one)."
+    )
+    note: str | None = Field(description="When jitter or the deadline make the outcome vary.")
+
+    @classmethod
+    def of(cls, failure: Failure | None) -> FailureOut | None:
+        if failure is None:
+            return None
+        return cls(
+            attempts=failure.attempts,
+            retry_window_seconds=failure.retry_window_seconds,
+            then=failure.then,
+            compensates=list(failure.compensates),
+            final_status=failure.final_status,
+            error_kind=failure.error_kind,
+            note=failure.note,
+        )
+
+
+class FailuresOut(BaseModel):
+    """One entry per failure kind; null where that kind cannot happen (every kind of a
+    step the saga never reaches, when its deadline passes at once)."""
+
+    http_4xx: FailureOut | None = Field(description="A status not in retry_on_status.")
+    http_5xx: FailureOut | None = Field(description="A retried status, every attempt failing.")
+    timeout: FailureOut | None = Field(description="No answer within the attempt's timeout.")
+    connection: FailureOut | None = Field(description="The connection is refused (nothing sent).")
+    circuit_open: FailureOut | None = Field(
+        description="The service's circuit stays open (null: an absolute URL has no breaker)."
+    )
+    deadline: FailureOut | None = Field(
+        description="The saga's deadline passes during the step (null: no timeout_seconds)."
+    )
+
+
+class StepPlanOut(BaseModel):
+    name: str
+    failures: FailuresOut
+
+
+class PlanOut(BaseModel):
+    """What happens when each step fails, in each way, and the resilience checklist."""
+
+    definition: str
+    version: int
+    checklist: list[FindingOut]
+    steps: list[StepPlanOut]
+
+    @classmethod
+    def of(cls, name: str, version: int, review: Review) -> PlanOut:
+        steps = [
+            StepPlanOut(
+                name=step.name,
+                failures=FailuresOut.model_validate(
+                    {kind.value: FailureOut.of(step.failures[kind]) for kind in FailureKind}
+                ),
+            )
+            for step in review.plan
+        ]
+        return cls(
+            definition=name,
+            version=version,
+            checklist=[FindingOut.of(f) for f in review.findings],
+            steps=steps,
         )
 
 

@@ -15,6 +15,7 @@ The executor carries these values out and the store applies them; the failure pl
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,7 +39,7 @@ from app.core.commit import (
 )
 from app.core.definition import CircuitBreakerConfig, DefinitionSpec, StepSpec
 from app.core.outcome import CallResult, Outcome, classify
-from app.core.retry import decide_retry
+from app.core.retry import Draw, decide_retry
 from app.core.states import (
     AttemptOutcome,
     Direction,
@@ -196,19 +197,21 @@ def after_attempt(
     attempt: int,
     outcome: Outcome,
     retry_after: float | None = None,
+    draw: Draw = random.uniform,
 ) -> Transition:
-    """Decide the step's and saga's new status after attempt number `attempt` of `call`."""
+    """Decide the step's and saga's new status after attempt number `attempt` of `call`
+    (`draw` picks a jittered delay in its bounds: at random, except in the failure plan)."""
     step_spec = spec.steps[call.index]
     state = saga.steps[call.index]
     maybe_applied = state.maybe_applied or outcome.maybe_applied
     if call.direction is Direction.COMPENSATION:
-        return _after_compensation(step_spec, attempt, outcome, retry_after, maybe_applied)
+        return _after_compensation(step_spec, attempt, outcome, retry_after, maybe_applied, draw)
 
     # A completed saga only runs steps again on an operator's retry; it stays completed.
     goes_on = SagaStatus.COMPLETED if saga.status is SagaStatus.COMPLETED else SagaStatus.RUNNING
     if outcome.success:
         return Transition(StepStatus.SUCCEEDED, goes_on, continue_now=True, maybe_applied=True)
-    decision = decide_retry(step_spec.retry, attempt, outcome.retryable, retry_after)
+    decision = decide_retry(step_spec.retry, attempt, outcome.retryable, retry_after, draw)
     if decision.retry:
         return Transition(
             StepStatus.RUNNING,
@@ -257,6 +260,7 @@ def _after_compensation(
     outcome: Outcome,
     retry_after: float | None,
     maybe_applied: bool,
+    draw: Draw,
 ) -> Transition:
     if outcome.success:
         return Transition(
@@ -265,7 +269,8 @@ def _after_compensation(
             continue_now=True,
             maybe_applied=maybe_applied,
         )
-    decision = decide_retry(step_spec.compensation_retry, attempt, outcome.retryable, retry_after)
+    policy = step_spec.compensation_retry
+    decision = decide_retry(policy, attempt, outcome.retryable, retry_after, draw)
     if decision.retry:
         return Transition(
             StepStatus.COMPENSATING,
@@ -310,16 +315,23 @@ class Attempt:
     request: dict[str, Any] | None = None  # as a dead letter keeps it (secrets masked)
 
 
-def decide(spec: DefinitionSpec, saga: SagaState, attempt: Attempt, now: datetime) -> Commit:
+def decide(
+    spec: DefinitionSpec,
+    saga: SagaState,
+    attempt: Attempt,
+    now: datetime,
+    draw: Draw = random.uniform,
+) -> Commit:
     """Everything one attempt's result leads to. `saga` is the state the attempt started
-    from (its step in flight); `now` is the database's time of the attempt's end."""
+    from (its step in flight); `now` is the database's time of the attempt's end; `draw`
+    picks a jittered retry delay in its bounds (the failure plan pins it to one end)."""
     call = attempt.call
     step_spec = spec.steps[call.index]
     forward = call.direction is Direction.ACTION
     policy = step_spec.retry if forward else step_spec.compensation_retry
     outcome = classify(attempt.result, policy.retry_on_status)
     transition = after_attempt(
-        spec, saga, call, attempt.number, outcome, attempt.result.retry_after
+        spec, saga, call, attempt.number, outcome, attempt.result.retry_after, draw
     )
     if transition.retry_in is not None:
         outcome_label = AttemptOutcome.RETRYABLE

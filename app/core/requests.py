@@ -43,6 +43,11 @@ class HttpRequest:
         }
 
 
+def attempt_timeout(step_timeout: float | None, service: ServiceSpec | None) -> float:
+    """How long one attempt may take: the step's timeout, else its service's, else 10 s."""
+    return step_timeout or (service.timeout_seconds if service else DEFAULT_STEP_TIMEOUT)
+
+
 def idempotency_key(saga_id: uuid.UUID, step: str, direction: Direction) -> str:
     """The same key on every attempt of one step in one direction."""
     return f"{saga_id}:{step}:{direction.value}"
@@ -110,13 +115,12 @@ def build_request(
     )
     if deadline_at is not None:
         headers["X-Saga-Deadline"] = deadline_at.isoformat()
-    timeout = step_timeout or (service.timeout_seconds if service else DEFAULT_STEP_TIMEOUT)
     return HttpRequest(
         method=call.method,
         url=url,
         headers=headers,
         body=render(call.body, context),
-        timeout_seconds=timeout,
+        timeout_seconds=attempt_timeout(step_timeout, service),
     )
 
 

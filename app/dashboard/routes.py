@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -18,7 +19,8 @@ from app.api.auth import Tokens, require_admin
 from app.api.context import AppContext, Ctx
 from app.api.openapi import V1, answer, problems
 from app.api.problems import Problem
-from app.core.definition import NAME_PATTERN
+from app.core.definition import NAME_PATTERN, is_name
+from app.core.plan import FailureKind
 from app.core.states import DeadLetterStatus, SagaStatus
 from app.dashboard import auth
 from app.dashboard.service import Dashboard
@@ -27,6 +29,7 @@ templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 pages = APIRouter(prefix="/admin", include_in_schema=False)
 api = APIRouter(prefix="/v1/admin")
 REFRESH_SECONDS = 5
+PLAN_KINDS = [kind.value for kind in FailureKind]
 
 
 class LoginRequired(Exception):
@@ -235,6 +238,43 @@ async def saga_detail(request: Request, ctx: Ctx, cookie: Session, saga_id: uuid
         response.status_code = 404
         return response
     return render(request, "saga.html", cookie, **detail)
+
+
+@pages.get("/definitions")
+async def definitions(request: Request, ctx: Ctx, cookie: Session) -> HTMLResponse:
+    items = await Dashboard(ctx).definitions()
+    return render(request, "definitions.html", cookie, items=items)
+
+
+@pages.get("/definitions/{name}")
+async def definition_plan(request: Request, ctx: Ctx, cookie: Session, name: str) -> Response:
+    return await _plan_page(request, ctx, cookie, name, None)
+
+
+@pages.get("/definitions/{name}/versions/{version}")
+async def definition_version_plan(
+    request: Request,
+    ctx: Ctx,
+    cookie: Session,
+    name: str,
+    version: Annotated[int, PathParam(ge=1, le=2_000_000_000)],
+) -> Response:
+    return await _plan_page(request, ctx, cookie, name, version)
+
+
+async def _plan_page(
+    request: Request, ctx: AppContext, cookie: str, name: str, version: int | None
+) -> Response:
+    """What would happen if each step failed, in each way, and the checklist."""
+    found = await Dashboard(ctx).plan(name, version) if is_name(name) else None
+    if found is None:
+        which = f"{name} v{version}" if version else name
+        response = render(
+            request, "message.html", cookie, title="Not found", message=f"No definition {which}."
+        )
+        response.status_code = 404
+        return response
+    return render(request, "plan.html", cookie, auto_refresh=False, kinds=PLAN_KINDS, **found)
 
 
 @pages.get("/dead-letters")

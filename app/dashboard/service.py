@@ -7,7 +7,14 @@ from datetime import datetime
 from typing import Any
 
 from app.api.context import AppContext
-from app.api.schemas import DeadLetterOut, SagaOut, SagaSummaryOut, ServiceOut
+from app.api.schemas import (
+    DeadLetterOut,
+    DefinitionOut,
+    PlanOut,
+    SagaOut,
+    SagaSummaryOut,
+    ServiceOut,
+)
 from app.core.commit import SagaState, StepState, Waiting
 from app.core.states import DeadLetterStatus, SagaStatus, WaitReason
 from app.dashboard.views import (
@@ -17,6 +24,7 @@ from app.dashboard.views import (
     timeline,
     why_waiting,
 )
+from app.usecases.errors import Problem
 
 IN_FLIGHT = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
 
@@ -151,6 +159,20 @@ class Dashboard:
 
     async def services(self) -> list[ServiceOut]:
         return [ServiceOut.of(s) for s in await self.ctx.catalog.services(500, None)]
+
+    async def definitions(self) -> list[DefinitionOut]:
+        return [DefinitionOut.of(d) for d in await self.ctx.catalog.definitions(500, None)]
+
+    async def plan(self, name: str, version: int | None) -> dict[str, Any] | None:
+        """A definition's failure plan and checklist, as `GET …/plan` answers them."""
+        try:
+            record, review = await self.ctx.catalog.plan(name, version)
+        except Problem:
+            return None
+        return {
+            "definition": DefinitionOut.of(record),
+            "plan": PlanOut.of(record.name, record.version, review),
+        }
 
     async def audit(self) -> list[dict[str, Any]]:
         return await self.ctx.ops.audit_log(200)

@@ -1,7 +1,13 @@
-"""Registering and reading participant services and saga definitions."""
+"""Registering and reading participant services and saga definitions, and reviewing a
+definition: its failure plan and checklist (`app.core.plan`, `app.core.checklist`)."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+from collections import OrderedDict
+
+from app.core.checklist import Review, review
 from app.core.definition import (
     DefinitionSpec,
     RuleViolation,
@@ -16,11 +22,15 @@ from app.participants.network import check_url
 from app.store.registry import Registry
 from app.usecases.errors import Problem
 
+# Reviews kept for the definitions looked at last (a plan is worth computing once).
+REVIEW_CACHE_SIZE = 64
+
 
 class Catalog:
     def __init__(self, registry: Registry, hosts: HostPolicy) -> None:
         self.registry = registry
         self.hosts = hosts
+        self._reviews: OrderedDict[str, Review] = OrderedDict()
 
     async def put_service(
         self, name: str, spec: ServiceSpec, actor: str
@@ -89,3 +99,42 @@ class Catalog:
 
     async def definitions(self, limit: int, after: str | None) -> list[DefinitionRecord]:
         return await self.registry.list_definitions(limit, after)
+
+    async def services_of(self, spec: DefinitionSpec) -> dict[str, ServiceSpec]:
+        """The registered services the definition's calls name (a missing one is left out)."""
+        names = sorted(
+            {
+                c.service
+                for st in spec.steps
+                for c in (st.action, st.compensation)
+                if c and c.service
+            }
+        )
+        found: dict[str, ServiceSpec] = {}
+        for name in names:
+            record = await self.registry.get_service(name)
+            if record is not None:
+                found[name] = record.spec
+        return found
+
+    async def review(self, spec: DefinitionSpec) -> Review:
+        """The definition's failure plan and checklist, on the services as registered now.
+        Worked out in a thread (a long definition takes a while), and kept for the next
+        look while neither the definition nor its services change."""
+        services = await self.services_of(spec)
+        text = "".join(f"|{name}:{s.model_dump_json()}" for name, s in services.items())
+        key = hashlib.sha256((spec.content_hash() + text).encode()).hexdigest()
+        found = self._reviews.get(key)
+        if found is None:
+            found = await asyncio.to_thread(review, spec, services)
+            self._reviews[key] = found
+            while len(self._reviews) > REVIEW_CACHE_SIZE:
+                self._reviews.popitem(last=False)
+        self._reviews.move_to_end(key)
+        return found
+
+    async def plan(self, name: str, version: int | None = None) -> tuple[DefinitionRecord, Review]:
+        """One version of a definition (the latest by default) with its review (404s as
+        `definition`)."""
+        record = await self.definition(name, version)
+        return record, await self.review(record.spec)

@@ -198,6 +198,7 @@ async def number(page: Page, element_id: str) -> int:
 
 PAGES = ["/admin", "/admin/sagas", "/admin/dead-letters?status=open", "/admin/services"]
 PAGES += ["/admin/audit", f"/admin/sagas/{uuid.uuid4()}"]
+PAGES += ["/admin/definitions", "/admin/definitions/checkout/versions/1"]
 
 
 async def test_pages_without_a_session_redirect_to_login(dash: Dash) -> None:
@@ -619,3 +620,58 @@ async def test_search_sagas_by_business_key_and_labels(
     bad = await dash.goto("/admin/sagas?label=no-colon")
     assert bad == 422
     assert "key:value" in (await dash.page.text_content("body") or "")
+
+
+async def test_the_failure_plan_page_shows_the_plan_and_the_checklist(
+    dash: Dash, orchestrator: httpx.AsyncClient, participant: Participant
+) -> None:
+    """From a saga's page to its definition's failure plan: a table of steps by failure
+    kind, coloured by what follows, the same as the API's plan, and the checklist."""
+    await setup_checkout(orchestrator, participant)
+    saga = await declined(orchestrator, participant)
+    r = await orchestrator.get("/v1/definitions/checkout/versions/1/plan")
+    assert r.status_code == 200, r.text
+    api_plan = r.json()
+
+    await dash.login()
+    await dash.goto(f"/admin/sagas/{saga['id']}")
+    page = dash.page
+    await page.locator("table#steps tr", has_text="charge").locator("a.if-failed").click()
+    await page.wait_for_url(f"{dash.base}/admin/definitions/checkout/versions/1#step-charge")
+    assert "Failure plan of checkout v1" in (await page.locator("h1").text_content() or "")
+
+    rows = page.locator("table#plan tr[id^='step-']")
+    assert await rows.count() == 3
+    for step in api_plan["steps"]:
+        row = page.locator(f"tr#step-{step['name']}")
+        for kind, failure in step["failures"].items():
+            cell = row.locator(f"td[data-kind='{kind}']")
+            if failure is None:
+                assert (await cell.text_content() or "").strip() == "cannot happen"
+                continue
+            assert await cell.get_attribute("data-then") == failure["then"], (step, kind)
+            assert f"then-{failure['then']}" in (await cell.get_attribute("class") or "")
+    charge_4xx = page.locator("tr#step-charge td[data-kind='http_4xx']")
+    assert "undo: reserve" in (await charge_4xx.text_content() or "")
+    charge_5xx = page.locator("tr#step-charge td[data-kind='http_5xx']")
+    assert "undo: charge? → reserve" in (await charge_5xx.text_content() or "")
+    receipt = page.locator("tr#step-receipt td.then-continue")
+    assert await receipt.count() == 4  # 4xx, 5xx, timeout, connection: it goes on
+    # No deadline: an open circuit is waited out, and the deadline cannot pass.
+    assert await page.locator("td.then-wait[data-kind='circuit_open']").count() == 3
+    colours = await charge_4xx.evaluate("e => getComputedStyle(e).backgroundColor")
+    assert colours != await receipt.first.evaluate("e => getComputedStyle(e).backgroundColor")
+
+    checklist = page.locator("table#checklist")
+    assert await checklist.locator("tr").count() == 1 + len(api_plan["checklist"])
+    faults = checklist.locator("tr.fault")
+    assert await faults.count() == sum(not f["ok"] for f in api_plan["checklist"]) > 0
+    assert "jitter" in (await faults.first.text_content() or "")
+    await dash.shot("plan")
+
+    await dash.goto("/admin/definitions")
+    await page.locator("table#definitions a", has_text="failure plan").click()
+    await page.wait_for_url(f"{dash.base}/admin/definitions/checkout")
+    assert await page.locator("table#plan tr[id^='step-']").count() == 3
+    assert await dash.goto("/admin/definitions/nothing") == 404
+    assert await dash.goto("/admin/definitions/checkout/versions/9") == 404

@@ -462,6 +462,8 @@ async def test_rejection_leaves_stored_definitions_unchanged(reg: httpx.AsyncCli
 
     r = await reg.get("/v1/definitions/stable")
     assert r.status_code == 200
+    # The registration's answer is the stored definition plus its checklist warnings.
+    assert latest.pop("warnings") == []
     assert r.json() == latest
     assert_problem(await reg.get("/v1/definitions/stable/versions/3"), 404)
     items = (await reg.get("/v1/definitions")).json()["items"]
