@@ -12,6 +12,7 @@ import ipaddress
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.core import patterns
 from app.core.hosts import HostPolicy, url_host_port
 from app.core.templates import TemplateError, iter_refs, strip_refs
 
@@ -51,6 +53,25 @@ RESERVED_HEADERS = frozenset(
 )
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["checkout"])]
+
+
+def _pattern_with_length(pattern: str) -> Callable[[dict[str, Any]], None]:
+    """`pattern` with the field's `maxLength` folded into it as a lookahead: the same
+    strings, but a generator need not build a string of that length that matches."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        limit = schema.pop("maxLength")
+        schema["pattern"] = f"^(?=.{{0,{limit}}}$)" + pattern.removeprefix("^")
+
+    return extra
+
+
+def _headers_schema(value: str) -> dict[str, Any]:
+    """The schema of a `headers` map: what `_check_headers` accepts, as patterns."""
+    return {
+        "propertyNames": {"pattern": patterns.header_name(RESERVED_HEADERS)},
+        "additionalProperties": {"type": "string", "pattern": value},
+    }
 
 
 def check_json(value: Any, where: str = "body", depth: int = 0) -> None:
@@ -151,11 +172,23 @@ class CircuitBreakerConfig(Document):
 class ServiceSpec(Document):
     """`PUT /v1/services/{name}` body."""
 
-    base_url: str = Field(max_length=2048, examples=["http://127.0.0.1:9001"])
+    base_url: str = Field(
+        max_length=2048,
+        examples=["http://127.0.0.1:9001"],
+        description="An absolute http(s) URL with a host and no credentials, at most 2048 "
+        "characters; its host must be allowed by SAGA_ALLOWED_HOSTS (else `422`, "
+        "`host-not-allowed`).",
+        json_schema_extra=_pattern_with_length(patterns.HTTP_URL),
+    )
     timeout_seconds: float = Field(default=DEFAULT_STEP_TIMEOUT, gt=0, le=600)
     max_concurrency: int = Field(default=20, ge=1, le=10000)
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
-    headers: dict[str, str] = Field(default_factory=dict, max_length=64)
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Sent with every call to the service; values are secrets, never echoed.",
+        json_schema_extra=_headers_schema(patterns.HEADER_VALUE),
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -206,15 +239,21 @@ def valid_host(host: str) -> bool:
         return _DNS_NAME.match(host) is not None
 
 
+_SUCCESS = {"minimum": 200, "maximum": 299}  # a 2xx is a success: never retried
+
+
 class RetryPolicy(Document):
+    """When to try again. `max_interval_seconds` may not be below
+    `initial_interval_seconds` (`422`)."""
+
     max_attempts: int = Field(default=3, ge=1, le=1000)
     initial_interval_seconds: float = Field(default=1.0, gt=0, le=86400)
     backoff_coefficient: float = Field(default=2.0, ge=1.0, le=100)
     max_interval_seconds: float = Field(default=60.0, gt=0, le=86400)
     jitter: bool = True
-    retry_on_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(
-        default_factory=lambda: list(DEFAULT_RETRY_ON_STATUS), max_length=100
-    )
+    retry_on_status: list[
+        Annotated[int, Field(ge=100, le=599, json_schema_extra={"not": _SUCCESS})]
+    ] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON_STATUS), max_length=100)
 
     @model_validator(mode="after")
     def _interval_order(self) -> RetryPolicy:
@@ -232,14 +271,62 @@ def _default_compensation_retry() -> RetryPolicy:
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
+# A call names its target one way: `service` and `path`, or `url` (null is absence).
+_ONE_TARGET: dict[str, Any] = {
+    "oneOf": [
+        {
+            "title": "ServiceCall",
+            "required": ["service", "path"],
+            "properties": {
+                "service": {"type": "string"},
+                "path": {"type": "string"},
+                "url": {"type": "null"},
+            },
+        },
+        {
+            "title": "UrlCall",
+            "required": ["url"],
+            "properties": {
+                "url": {"type": "string"},
+                "service": {"type": "null"},
+                "path": {"type": "null"},
+            },
+        },
+    ]
+}
+
+
 class CallSpec(Document):
     """One HTTP call: `service` + `path`, or an absolute `url`."""
 
-    service: Name | None = None
-    path: str | None = Field(default=None, max_length=2048)
-    url: str | None = Field(default=None, max_length=2048)
+    model_config = ConfigDict(json_schema_extra=_ONE_TARGET)
+
+    service: Name | None = Field(default=None, description="A registered service")
+    path: (
+        Annotated[str, Field(max_length=2048, json_schema_extra={"pattern": patterns.CALL_PATH})]
+        | None
+    ) = Field(
+        default=None,
+        description="With `service`: starts with `/`, appended to its `base_url`; may hold "
+        "`${…}` references (each rendered value is percent-encoded).",
+        examples=["/charges"],
+    )
+    url: (
+        Annotated[str, Field(max_length=2048, json_schema_extra={"pattern": patterns.CALL_URL})]
+        | None
+    ) = Field(
+        default=None,
+        description="Instead of `service` + `path`: an absolute http(s) URL; `${…}` "
+        "references only in its path and query.",
+        examples=["http://127.0.0.1:9002/hooks/${saga.id}"],
+    )
     method: HttpMethod = "POST"
-    headers: dict[str, str] = Field(default_factory=dict, max_length=64)
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Added to the service's headers; values may hold `${…}` references.",
+        json_schema_extra=_headers_schema(patterns.CALL_HEADER_VALUE),
+    )
     body: Any = None
 
     @field_validator("method", mode="before")
