@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Path, Response
 from app.api import examples
 from app.api.auth import require_api, require_registrar
 from app.api.context import Ctx
-from app.api.openapi import V1, answer, link, problems
+from app.api.openapi import RETRY_INTERVALS, V1, answer, link, problems
 from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from app.api.schemas import DefinitionOut, Page, ServiceOut
 from app.core.definition import (
@@ -66,6 +66,7 @@ def _cursor_name(cursor: str | None) -> str | None:
 
 @router.put(
     "/services/{name}",
+    tags=["services"],
     response_model=ServiceOut,
     status_code=200,
     responses={
@@ -80,6 +81,7 @@ def _cursor_name(cursor: str | None) -> str | None:
                 422: "Invalid fields, or `base_url`'s host is not allowed by SAGA_ALLOWED_HOSTS; "
                 "`errors` says which.",
             },
+            rules=["host-not-allowed"],
         ),
     },
     summary="Register or replace a participant service",
@@ -105,11 +107,12 @@ async def put_service(
 
 @router.get(
     "/services",
+    tags=["services"],
     response_model=Page[ServiceOut],
     summary="List services",
     responses={
         **answer(200, "A page of services, by name", examples.page(examples.SERVICE_OUT)),
-        **problems(*V1, 422),
+        **problems(*V1, 422, rules=["bad-cursor"]),
     },
 )
 async def list_services(ctx: Ctx, limit: Limit = 50, cursor: Cursor = None) -> Page[ServiceOut]:
@@ -121,6 +124,7 @@ async def list_services(ctx: Ctx, limit: Limit = 50, cursor: Cursor = None) -> P
 
 @router.get(
     "/services/{name}",
+    tags=["services"],
     response_model=ServiceOut,
     summary="One service with its live state",
     responses={
@@ -136,6 +140,7 @@ async def get_service(name: NamePath, ctx: Ctx) -> ServiceOut:
 
 @router.post(
     "/definitions",
+    tags=["definitions"],
     response_model=DefinitionOut,
     status_code=201,
     responses={
@@ -158,6 +163,8 @@ async def get_service(name: NamePath, ctx: Ctx) -> ServiceOut:
                 "reference to an unknown or later step, a step name used twice, more than one "
                 "pivot, a URL host not allowed; `errors` says which."
             },
+            rules=["invalid-definition"],
+            examples={422: {"retry-intervals": RETRY_INTERVALS}},
         ),
     },
     summary="Register a definition (a new version when the content changed)",
@@ -182,11 +189,12 @@ async def post_definition(
 
 @router.get(
     "/definitions",
+    tags=["definitions"],
     response_model=Page[DefinitionOut],
     summary="Latest version of each definition",
     responses={
         **answer(200, "A page of definitions, by name", examples.page(examples.DEFINITION_OUT)),
-        **problems(*V1, 422),
+        **problems(*V1, 422, rules=["bad-cursor"]),
     },
 )
 async def list_definitions(
@@ -202,6 +210,7 @@ async def list_definitions(
 
 @router.get(
     "/definitions/{name}",
+    tags=["definitions"],
     response_model=DefinitionOut,
     summary="Latest version",
     responses={
@@ -216,6 +225,7 @@ async def get_definition(name: NamePath, ctx: Ctx) -> DefinitionOut:
 
 @router.get(
     "/definitions/{name}/versions/{version}",
+    tags=["definitions"],
     response_model=DefinitionOut,
     summary="One version",
     responses={
