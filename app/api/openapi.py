@@ -328,6 +328,17 @@ def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
     return {**out, "anyOf": rest}
 
 
+def _hoist_shapes(schemas: dict[str, Any]) -> None:
+    """Give the titled `oneOf` shapes of a component (CallSpec's ServiceCall and UrlCall)
+    components of their own, so that a generated client gets one class for each."""
+    for schema in list(schemas.values()):
+        for i, shape in enumerate(schema.get("oneOf", [])):
+            title = shape.get("title")
+            if title and "$ref" not in shape and title not in schemas:
+                schemas[title] = shape
+                schema["oneOf"][i] = {"$ref": f"#/components/schemas/{title}"}
+
+
 # Every /v1 call may meet these: a bad Content-Length (400), a missing token (401), an
 # oversize body (413) or an unavailable database (503).
 V1 = (400, 401, 413, 503)
@@ -346,6 +357,7 @@ def document(app: FastAPI) -> None:
             schemas = components.setdefault("schemas", {})
             schemas.update(problem.pop("$defs", {}))
             schemas["Problem"] = problem
+            _hoist_shapes(schemas)
             components.setdefault("securitySchemes", {})["bearer"] = BEARER
             for path, item in schema.get("paths", {}).items():
                 for operation in item.values():

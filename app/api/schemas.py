@@ -20,11 +20,6 @@ T = TypeVar("T")
 class Page(BaseModel, Generic[T]):
     """One page of a list; pass `next_cursor` back as `cursor` for the next (null: the end)."""
 
-    @classmethod
-    def model_parametrized_name(cls, params: tuple[Any, ...]) -> str:
-        """`SagaSummaryPage` for `Page[SagaSummaryOut]`: the name clients see."""
-        return str(getattr(params[0], "__name__", params[0])).removesuffix("Out") + "Page"
-
     items: list[T]
     next_cursor: Annotated[
         Annotated[str, Field(json_schema_extra={"pattern": patterns.CURSOR})] | None,

@@ -21,10 +21,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from app.core import patterns
 from app.core.hosts import HostPolicy, url_host_port
@@ -271,63 +274,82 @@ def _default_compensation_retry() -> RetryPolicy:
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
-# A call names its target one way: `service` and `path`, or `url` (null is absence).
-_ONE_TARGET: dict[str, Any] = {
-    "oneOf": [
-        {
-            "title": "ServiceCall",
-            "required": ["service", "path"],
-            "properties": {
-                "service": {"type": "string"},
-                "path": {"type": "string"},
-                "url": {"type": "null"},
-            },
-        },
-        {
-            "title": "UrlCall",
-            "required": ["url"],
-            "properties": {
-                "url": {"type": "string"},
-                "service": {"type": "null"},
-                "path": {"type": "null"},
-            },
-        },
-    ]
-}
-
-
-class CallSpec(Document):
-    """One HTTP call: `service` + `path`, or an absolute `url`."""
-
-    model_config = ConfigDict(json_schema_extra=_ONE_TARGET)
-
-    service: Name | None = Field(default=None, description="A registered service")
-    path: (
-        Annotated[str, Field(max_length=2048, json_schema_extra={"pattern": patterns.CALL_PATH})]
-        | None
-    ) = Field(
-        default=None,
+CallPath = Annotated[
+    str,
+    Field(
+        max_length=2048,
         description="With `service`: starts with `/`, appended to its `base_url`; may hold "
         "`${…}` references (each rendered value is percent-encoded).",
         examples=["/charges"],
-    )
-    url: (
-        Annotated[str, Field(max_length=2048, json_schema_extra={"pattern": patterns.CALL_URL})]
-        | None
-    ) = Field(
-        default=None,
+        json_schema_extra={"pattern": patterns.CALL_PATH},
+    ),
+]
+CallUrl = Annotated[
+    str,
+    Field(
+        max_length=2048,
         description="Instead of `service` + `path`: an absolute http(s) URL; `${…}` "
         "references only in its path and query.",
         examples=["http://127.0.0.1:9002/hooks/${saga.id}"],
-    )
-    method: HttpMethod = "POST"
-    headers: dict[str, str] = Field(
+        json_schema_extra={"pattern": patterns.CALL_URL},
+    ),
+]
+CallHeaders = Annotated[
+    dict[str, str],
+    Field(
         default_factory=dict,
         max_length=64,
         description="Added to the service's headers; values may hold `${…}` references.",
         json_schema_extra=_headers_schema(patterns.CALL_HEADER_VALUE),
-    )
-    body: Any = None
+    ),
+]
+CallBody = Annotated[Any, Field(default=None, description="Any JSON; may hold `${…}`.")]
+_ABSENT = "Absent (or null) here."
+CALL_DESCRIPTION = "One HTTP call: `service` + `path`, or an absolute `url`."
+
+
+class ServiceCall(Document):
+    """A call to a registered service: `service` + `path`."""
+
+    service: Name = Field(description="A registered service")
+    path: CallPath
+    url: None = Field(default=None, description=_ABSENT)
+    method: HttpMethod = "POST"
+    headers: CallHeaders
+    body: CallBody
+
+
+class UrlCall(Document):
+    """A call to an absolute `url`."""
+
+    service: None = Field(default=None, description=_ABSENT)
+    path: None = Field(default=None, description=_ABSENT)
+    url: CallUrl
+    method: HttpMethod = "POST"
+    headers: CallHeaders
+    body: CallBody
+
+
+class CallSpec(Document):
+    """One HTTP call: `service` + `path`, or an absolute `url`.
+
+    One model validates both; the document shows the two shapes a client builds,
+    `ServiceCall` and `UrlCall` (`oneOf`), which are only schemas.
+    """
+
+    service: Name | None = Field(default=None, description="A registered service")
+    path: CallPath | None = None
+    url: CallUrl | None = None
+    method: HttpMethod = "POST"
+    headers: CallHeaders
+    body: CallBody
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        shapes = [handler(m.__pydantic_core_schema__) for m in (ServiceCall, UrlCall)]
+        return {"title": "CallSpec", "description": CALL_DESCRIPTION, "oneOf": shapes}
 
     @field_validator("method", mode="before")
     @classmethod

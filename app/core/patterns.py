@@ -9,6 +9,8 @@ server: the validators stay the rule, with their own messages.
 
 from __future__ import annotations
 
+import re
+
 # `${…}`: a template reference, as `app.core.templates` finds them (minus the NUL that no
 # document may hold anywhere).
 REF = r"\$\{[^{}\x00]*\}"
@@ -60,11 +62,14 @@ CALL_PATH = rf"^/(?:{REF}|{_VISIBLE})*$"
 
 
 def _any_case(word: str) -> str:
-    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else f"\\{c}" for c in word)
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word)
 
 
 def header_name(reserved: frozenset[str]) -> str:
-    """An HTTP token of 1-128 characters that is none of the `reserved` names (any case)."""
+    """An HTTP token of 1-128 characters that is none of the `reserved` names (any case;
+    they are letters and `-`)."""
+    if not all(re.fullmatch(r"[a-z-]+", name) for name in reserved):
+        raise ValueError("reserved header names are lowercase letters and '-'")
     names = "|".join(_any_case(name) for name in sorted(reserved))
     return rf"^(?!(?:{names})$)[!#$%&'*+.^_`|~0-9A-Za-z-]{{1,128}}$"
 

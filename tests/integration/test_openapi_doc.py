@@ -327,8 +327,16 @@ async def test_errors_and_calls_have_schemas(doc: dict[str, Any]) -> None:
         "attempt",
         "direction",
     }
-    targets = [set(branch["required"]) for branch in schemas["CallSpec"]["oneOf"]]
-    assert targets == [{"service", "path"}, {"url"}]
+    # A call is one of two shapes, each a component (a generated client gets a class
+    # for each): service + path, or url; the unused fields absent or null.
+    shapes = [ref["$ref"].rsplit("/", 1)[1] for ref in schemas["CallSpec"]["oneOf"]]
+    assert shapes == ["ServiceCall", "UrlCall"]
+    assert set(schemas["ServiceCall"]["required"]) == {"service", "path"}
+    assert set(schemas["UrlCall"]["required"]) == {"url"}
+    assert schemas["ServiceCall"]["properties"]["url"]["type"] == "null"
+    for shape in shapes:
+        assert {"method", "headers", "body"} <= set(schemas[shape]["properties"]), shape
+        assert schemas[shape]["additionalProperties"] is False
     assert schemas["ServiceSpec"]["properties"]["base_url"]["pattern"].startswith("^")
     assert "null" not in json.dumps(schemas["ServiceSpec"]["properties"]["base_url"])
 

@@ -28,7 +28,14 @@ EXAMPLES = settings(
 
 
 def _schema(model: Any, field: str) -> dict[str, Any]:
-    schema: dict[str, Any] = model.model_json_schema()["properties"][field]
+    """The field's schema; for a call, as its `ServiceCall` or `UrlCall` shape has it."""
+    document = model.model_json_schema()
+    shapes = [document, *document.get("oneOf", [])]
+    schema: dict[str, Any] = next(
+        s["properties"][field]
+        for s in shapes
+        if field in s.get("properties", {}) and s["properties"][field].get("type") != "null"
+    )
     for branch in schema.get("anyOf", []):
         if branch.get("type") == "string":
             return dict(branch)
@@ -53,8 +60,8 @@ def _matches(schema: dict[str, Any]) -> Callable[[str], bool]:
 BASE_URL = _schema(ServiceSpec, "base_url")
 CALL_URL = _schema(CallSpec, "url")
 CALL_PATH = _schema(CallSpec, "path")
-SERVICE_HEADERS = ServiceSpec.model_json_schema()["properties"]["headers"]
-CALL_HEADERS = CallSpec.model_json_schema()["properties"]["headers"]
+SERVICE_HEADERS = _schema(ServiceSpec, "headers")
+CALL_HEADERS = _schema(CallSpec, "headers")
 
 # (what the document says, what the server does)
 PAIRS: dict[str, tuple[Callable[[str], bool], Callable[[str], bool]]] = {
