@@ -6,8 +6,10 @@
     python3 tasks.py test    # install into .venv, then ruff, mypy and pytest
     python3 tasks.py chaos   # the chaos suite at full size (figures in test-artifacts/chaos/)
     python3 tasks.py bench   # the benchmark vs DBOS and a floor (--quick: ~1 min; bench/README.md)
+    python3 tasks.py lock    # refresh constraints.txt from pyproject.toml (--upgrade: newest)
 
-Everything the project needs is installed by this file into ./.venv.
+Everything the project needs is installed by this file into ./.venv, at the versions
+pinned in constraints.txt (pyproject.toml keeps the ranges).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".installed"
+LOCK = ROOT / "constraints.txt"
 
 
 def _run(*cmd: str | Path, check: bool = True, env: dict[str, str] | None = None) -> int:
@@ -48,19 +51,56 @@ def _run(*cmd: str | Path, check: bool = True, env: dict[str, str] | None = None
     return code
 
 
+def _digest() -> str:
+    """What the installation depends on: the ranges and the pinned versions."""
+    digest = hashlib.sha256()
+    for path in (ROOT / "pyproject.toml", LOCK):
+        digest.update(path.read_bytes() if path.exists() else b"")
+    return digest.hexdigest()
+
+
 def ensure_venv() -> None:
-    """Create .venv and install the project with its dev tools when pyproject.toml changed."""
+    """Create .venv and install the project with its dev tools, at the versions of
+    constraints.txt, when pyproject.toml or constraints.txt changed."""
     if sys.version_info < (3, 11):  # noqa: UP036 - this file runs before the venv exists
         sys.exit(f"Python >= 3.11 is needed; this is {sys.version.split()[0]}")
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    digest = _digest()
     if STAMP.exists() and STAMP.read_text() == digest:
         return
     if not (BIN / "python").exists():
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     _run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    _run(BIN / "python", "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+    pinned = ["-c", LOCK] if LOCK.exists() else []  # absent only while it is first made
+    _run(BIN / "python", "-m", "pip", "install", "--quiet", *pinned, "-e", ".[dev]")
     STAMP.write_text(digest)
+
+
+def cmd_lock(args: list[str]) -> int:
+    """Pin the project and its dev extra in constraints.txt with pip-compile (pip-tools, a
+    dev dependency); `--upgrade` takes the newest versions the ranges allow. Run it on
+    the oldest supported Python (3.11), so that its backports are pinned too."""
+    ensure_venv()
+    env = {**os.environ, "CUSTOM_COMPILE_COMMAND": "python3 tasks.py lock"}
+    code = _run(
+        BIN / "pip-compile",
+        "--quiet",
+        "--extra",
+        "dev",
+        "--strip-extras",
+        "--no-emit-index-url",
+        "--no-emit-trusted-host",
+        "--no-emit-find-links",
+        "--output-file",
+        LOCK,
+        *args,
+        "pyproject.toml",
+        check=False,
+        env=env,
+    )
+    if code == 0:
+        ensure_venv()  # the stamp follows the lock: install what it now pins
+    return code
 
 
 def cmd_run(args: list[str]) -> int:
@@ -112,6 +152,7 @@ COMMANDS = {
     "lint": cmd_lint,
     "chaos": cmd_chaos,
     "bench": cmd_bench,
+    "lock": cmd_lock,
 }
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.api import admin_routes, health, problems, registry_routes, saga_routes
+from app.api import admin_routes, health, openapi, problems, registry_routes, saga_routes
 from app.api.auth import Tokens
 from app.api.context import AppContext
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, V1GuardMiddleware
@@ -252,16 +252,18 @@ def create_app(
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_tags=openapi.TAGS,
+        generate_unique_id_function=openapi.operation_id,
     )
     problems.install(app, DATABASE_ERRORS, database_trouble)
     app.add_middleware(V1GuardMiddleware, tokens=tokens)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestIdMiddleware)
-    app.include_router(health.router)
-    app.include_router(registry_routes.router)
-    app.include_router(saga_routes.router)
-    app.include_router(admin_routes.router)
-    app.include_router(dashboard_routes.api)
+    app.include_router(health.router, tags=["operations"])
+    app.include_router(registry_routes.router)  # tagged per route: services, definitions
+    app.include_router(saga_routes.router, tags=["sagas"])
+    app.include_router(admin_routes.router, tags=["admin"])
+    app.include_router(dashboard_routes.api, tags=["admin"])
     app.include_router(dashboard_routes.pages)
 
     @app.exception_handler(dashboard_routes.LoginRequired)

@@ -63,7 +63,7 @@ def _answer(done: Done, response: Response) -> None:
             examples.page(examples.DEAD_LETTER),
             links=DEAD_LETTER_LINKS,
         ),
-        **problems(*ADMIN, 422),
+        **problems(*ADMIN, 422, rules=["bad-cursor"]),
     },
 )
 async def list_dead_letters(
@@ -201,7 +201,7 @@ async def reset_circuit(name: NamePath, ctx: Ctx, actor: Actor) -> ServiceOut:
     summary="Admin actions, newest first",
     responses={
         **answer(200, "A page of admin actions, newest first", examples.page(examples.AUDIT)),
-        **problems(*ADMIN, 422),
+        **problems(*ADMIN, 422, rules=["bad-cursor"]),
     },
 )
 async def audit_log(

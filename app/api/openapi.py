@@ -1,17 +1,20 @@
 """What the OpenAPI document says beyond the models: error answers, headers, examples.
 
 Routes declare their answers with `answer(...)` (success, with an example) and
-`problems(...)` (RFC 9457 bodies as `application/problem+json`); `document(app)` adds
-the `Problem` schema to the components and `X-Request-ID` to every response, so the
-document describes every answer the API can give.
+`problems(...)` (RFC 9457 bodies as `application/problem+json`, with one named example
+per business rule that no schema can state); `document(app)` adds the `Problem` schema
+to the components and `X-Request-ID` to every response, and says of every parameter
+what FastAPI cannot (a header or query value is never null: it is absent), so the
+document describes every answer the API can give. `operation_id` names each operation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from app.api.schemas import ProblemDetails
 
@@ -94,8 +97,9 @@ _PROBLEMS: dict[int, tuple[str, str, str, str]] = {
         "send the body as JSON with Content-Type: application/json",
     ),
     422: (
-        "Invalid fields: wrong types, values out of range, unknown fields, or a rule "
-        "broken; `errors` lists each with its location.",
+        "Invalid fields: wrong types, values out of range, unknown fields, a string with a "
+        "NUL character (`\\u0000`, which no document may hold), JSON nested over 64 "
+        "levels, or a rule broken; `errors` lists each with its location.",
         "Unprocessable content",
         "validation",
         "the request has invalid fields: see errors",
@@ -106,6 +110,50 @@ _PROBLEMS: dict[int, tuple[str, str, str, str]] = {
         "database-unavailable",
         "the database is unavailable; retry shortly",
     ),
+}
+# Business rules beyond any schema: slug: (status, detail of the example, where). Each
+# is a named example of the operation's answer with that status, its `type` the
+# problem's `type`, so a client knows which refusals a valid document can still meet.
+RULES: dict[str, tuple[int, str, list[str | int]]] = {
+    "bad-cursor": (
+        400,
+        "cursor is not valid: pass next_cursor from a previous page unchanged",
+        ["query", "cursor"],
+    ),
+    "unknown-definition": (422, "there is no definition 'checkout'", ["body", "definition"]),
+    "idempotency-key-reused": (
+        422,
+        "this Idempotency-Key was used with a different definition or input",
+        [],
+    ),
+    "host-not-allowed": (
+        422,
+        "base_url is not allowed: 10.0.0.5:80 lies in no IP/CIDR entry of SAGA_ALLOWED_HOSTS",
+        ["body", "base_url"],
+    ),
+    "invalid-definition": (
+        422,
+        "unknown service 'payments': register it first (PUT /v1/services/…)",
+        ["body", "steps", 0, "action", "service"],
+    ),
+}
+# A rule of a single document that JSON Schema cannot state (it compares two fields):
+# answered as any invalid field is, and named among the examples too.
+RETRY_INTERVALS = {
+    "summary": "max_interval_seconds below initial_interval_seconds",
+    "value": {
+        "type": "urn:saga-orchestrator:problem:validation",
+        "title": "Unprocessable content",
+        "status": 422,
+        "detail": "the request has invalid fields: see errors",
+        "errors": [
+            {
+                "loc": ["body", "steps", 0, "retry"],
+                "msg": "max_interval_seconds must be >= initial_interval_seconds",
+                "type": "value_error",
+            }
+        ],
+    },
 }
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": WWW_AUTHENTICATE},
@@ -127,16 +175,41 @@ def problem_example(status: int, detail: str | None = None) -> dict[str, Any]:
     }
 
 
-def problems(*codes: int, notes: Mapping[int, str] | None = None) -> Responses:
-    """Problem answers for these status codes; `notes` replaces a code's description."""
+RULE_TYPE = "urn:saga-orchestrator:problem:"
+
+
+def rule_example(slug: str) -> dict[str, Any]:
+    status, detail, loc = RULES[slug]
+    errors = [{"loc": loc, "msg": detail, "type": "value_error"}] if loc else []
+    return {
+        "summary": f"Business rule: {slug}",
+        "value": {**problem_example(status, detail), "type": RULE_TYPE + slug, "errors": errors},
+    }
+
+
+def problems(
+    *codes: int,
+    notes: Mapping[int, str] | None = None,
+    rules: Sequence[str] = (),
+    examples: Mapping[int, Mapping[str, Any]] | None = None,
+) -> Responses:
+    """Problem answers for these status codes; `notes` replaces a code's description,
+    `rules` names the business rules (slugs of `RULES`) the operation applies, each an
+    example of its status, and `examples` adds other named examples."""
     notes = notes or {}
+    named: dict[int, dict[str, Any]] = {code: dict(more) for code, more in (examples or {}).items()}
+    for slug in rules:
+        named.setdefault(RULES[slug][0], {})[slug] = rule_example(slug)
     out: Responses = {}
-    for code in sorted({*codes, *notes}):
+    for code in sorted({*codes, *notes, *named}):
         description = notes.get(code) or _PROBLEMS[code][0]
-        response: dict[str, Any] = {
-            "description": description,
-            "content": {PROBLEM_JSON: {"schema": PROBLEM_REF, "example": problem_example(code)}},
-        }
+        media: dict[str, Any] = {"schema": PROBLEM_REF}
+        if code in named:
+            default = {"summary": _PROBLEMS[code][1], "value": problem_example(code)}
+            media["examples"] = {_PROBLEMS[code][2]: default, **named[code]}
+        else:
+            media["example"] = problem_example(code)
+        response: dict[str, Any] = {"description": description, "content": {PROBLEM_JSON: media}}
         if code in _HEADERS:
             response["headers"] = dict(_HEADERS[code])
         out[code] = response
@@ -211,6 +284,61 @@ def _with_nulls(value: Any) -> Any:
     return value
 
 
+# Operation ids are the routes' function names in camelCase, but for these: a generated
+# client names its methods after them, so they are part of the API (tests pin them).
+OPERATION_IDS = {
+    "put_service": "registerService",
+    "post_definition": "registerDefinition",
+    "saga_events": "listSagaEvents",
+    "audit_log": "listAuditEntries",
+    "reset_circuit": "resetCircuit",
+    "dashboard_json": "getDashboard",
+    "healthz": "getHealth",
+    "readyz": "getReadiness",
+    "metrics": "getMetrics",
+}
+TAGS = [
+    {"name": "sagas", "description": "Start sagas, follow them, read their history, cancel."},
+    {"name": "definitions", "description": "Saga definitions: steps, calls, retry policies."},
+    {"name": "services", "description": "Participant services: where calls go, and how."},
+    {"name": "admin", "description": "Operators (admin token): dead letters, breakers, audit."},
+    {"name": "operations", "description": "Liveness, readiness and metrics."},
+]
+
+
+def operation_id(route: APIRoute) -> str:
+    """`startSaga` for `start_saga`: the stable, readable id of a route's operation."""
+    if route.name in OPERATION_IDS:
+        return OPERATION_IDS[route.name]
+    first, *rest = route.name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema without the `null` branch of an optional value: a header or
+    query parameter is absent or a string, never null (FastAPI writes `T | None` as
+    `anyOf: [T, null]`)."""
+    branches = schema.get("anyOf")
+    if not isinstance(branches, list) or {"type": "null"} not in branches:
+        return schema
+    rest = [b for b in branches if b != {"type": "null"}]
+    out = {k: v for k, v in schema.items() if k != "anyOf"}
+    if len(rest) == 1:
+        return {**rest[0], **out}
+    return {**out, "anyOf": rest}
+
+
+def _hoist_shapes(schemas: dict[str, Any]) -> None:
+    """Give the titled `oneOf` shapes of a component (CallSpec's ServiceCall and UrlCall)
+    components of their own, so that a generated client gets one class for each."""
+    for schema in list(schemas.values()):
+        for i, shape in enumerate(schema.get("oneOf", [])):
+            title = shape.get("title")
+            if title and "$ref" not in shape and title not in schemas:
+                schemas[title] = shape
+                schema["oneOf"][i] = {"$ref": f"#/components/schemas/{title}"}
+
+
 # Every /v1 call may meet these: a bad Content-Length (400), a missing token (401), an
 # oversize body (413) or an unavailable database (503).
 V1 = (400, 401, 413, 503)
@@ -229,9 +357,12 @@ def document(app: FastAPI) -> None:
             schemas = components.setdefault("schemas", {})
             schemas.update(problem.pop("$defs", {}))
             schemas["Problem"] = problem
+            _hoist_shapes(schemas)
             components.setdefault("securitySchemes", {})["bearer"] = BEARER
             for path, item in schema.get("paths", {}).items():
                 for operation in item.values():
+                    for parameter in operation.get("parameters", []):
+                        parameter["schema"] = _not_null(parameter["schema"])
                     if path.startswith("/v1/admin/"):
                         operation.setdefault("security", [{"bearer": []}])
                     elif path.startswith("/v1/"):

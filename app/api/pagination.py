@@ -12,11 +12,21 @@ from typing import Annotated, Any
 from fastapi import Query
 
 from app.api.problems import Problem
+from app.core import patterns
 
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size, 1-500.")]
+# Opaque: only a `next_cursor` works, so the pattern gives its shape, and anything else
+# is a 400 (`bad-cursor`), documented with each list. The pattern is not enforced here:
+# a cursor of another shape is a bad cursor like any other.
 Cursor = Annotated[
     str | None,
-    Query(max_length=512, description="`next_cursor` from the previous page."),
+    Query(
+        max_length=512,
+        description="Opaque: the `next_cursor` of the previous page, unchanged (url-safe "
+        "base64); any other value is a `400` (`bad-cursor`). Absent: the first page.",
+        json_schema_extra={"pattern": patterns.CURSOR},
+        examples=["InBheW1lbnRzIg"],
+    ),
 ]
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Path, Response
 from app.api import examples
 from app.api.auth import require_api, require_registrar
 from app.api.context import Ctx
-from app.api.openapi import V1, answer, link, problems
+from app.api.openapi import RETRY_INTERVALS, V1, answer, link, problems
 from app.api.pagination import Cursor, Limit, bad_cursor, decode_cursor, encode_cursor
 from app.api.schemas import (
     DefinitionOut,
@@ -73,6 +73,7 @@ def _cursor_name(cursor: str | None) -> str | None:
 
 @router.put(
     "/services/{name}",
+    tags=["services"],
     response_model=ServiceOut,
     status_code=200,
     responses={
@@ -87,6 +88,7 @@ def _cursor_name(cursor: str | None) -> str | None:
                 422: "Invalid fields, or `base_url`'s host is not allowed by SAGA_ALLOWED_HOSTS; "
                 "`errors` says which.",
             },
+            rules=["host-not-allowed"],
         ),
     },
     summary="Register or replace a participant service",
@@ -112,11 +114,12 @@ async def put_service(
 
 @router.get(
     "/services",
+    tags=["services"],
     response_model=Page[ServiceOut],
     summary="List services",
     responses={
         **answer(200, "A page of services, by name", examples.page(examples.SERVICE_OUT)),
-        **problems(*V1, 422),
+        **problems(*V1, 422, rules=["bad-cursor"]),
     },
 )
 async def list_services(ctx: Ctx, limit: Limit = 50, cursor: Cursor = None) -> Page[ServiceOut]:
@@ -128,6 +131,7 @@ async def list_services(ctx: Ctx, limit: Limit = 50, cursor: Cursor = None) -> P
 
 @router.get(
     "/services/{name}",
+    tags=["services"],
     response_model=ServiceOut,
     summary="One service with its live state",
     responses={
@@ -143,6 +147,7 @@ async def get_service(name: NamePath, ctx: Ctx) -> ServiceOut:
 
 @router.post(
     "/definitions",
+    tags=["definitions"],
     response_model=RegisteredDefinitionOut,
     status_code=201,
     responses={
@@ -165,6 +170,8 @@ async def get_service(name: NamePath, ctx: Ctx) -> ServiceOut:
                 "reference to an unknown or later step, a step name used twice, more than one "
                 "pivot, a URL host not allowed; `errors` says which."
             },
+            rules=["invalid-definition"],
+            examples={422: {"retry-intervals": RETRY_INTERVALS}},
         ),
     },
     summary="Register a definition (a new version when the content changed)",
@@ -197,11 +204,12 @@ async def post_definition(
 
 @router.get(
     "/definitions",
+    tags=["definitions"],
     response_model=Page[DefinitionOut],
     summary="Latest version of each definition",
     responses={
         **answer(200, "A page of definitions, by name", examples.page(examples.DEFINITION_OUT)),
-        **problems(*V1, 422),
+        **problems(*V1, 422, rules=["bad-cursor"]),
     },
 )
 async def list_definitions(
@@ -217,6 +225,7 @@ async def list_definitions(
 
 @router.get(
     "/definitions/{name}",
+    tags=["definitions"],
     response_model=DefinitionOut,
     summary="Latest version",
     responses={
@@ -231,6 +240,7 @@ async def get_definition(name: NamePath, ctx: Ctx) -> DefinitionOut:
 
 @router.get(
     "/definitions/{name}/versions/{version}",
+    tags=["definitions"],
     response_model=DefinitionOut,
     summary="One version",
     responses={

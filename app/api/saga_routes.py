@@ -85,6 +85,7 @@ def _document(
                 503: "The database is unavailable, or (with `fail_fast`) the first service's "
                 "circuit is open; retry after `Retry-After` seconds.",
             },
+            rules=["unknown-definition", "idempotency-key-reused"],
         ),
     },
 )
@@ -142,7 +143,7 @@ async def start_saga(
     summary="List sagas, newest first",
     responses={
         **answer(200, "A page of sagas, newest first", examples.page(examples.SAGA_SUMMARY)),
-        **problems(*V1, 422),
+        **problems(*V1, 422, rules=["bad-cursor"]),
     },
 )
 async def list_sagas(
@@ -208,7 +209,7 @@ async def get_saga(
     summary="Append-only history",
     responses={
         **answer(200, "A page of events, oldest first", examples.page(examples.EVENT)),
-        **problems(*V1, 404, 422, notes={404: "No saga with this id."}),
+        **problems(*V1, 404, 422, notes={404: "No saga with this id."}, rules=["bad-cursor"]),
     },
 )
 async def saga_events(

@@ -8,11 +8,12 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core import patterns
 from app.core.checklist import Finding, Review, Rule
 from app.core.definition import CircuitBreakerConfig, Document, Name, StepSpec
 from app.core.labels import BusinessKey, Labels
 from app.core.plan import Failure, FailureKind, Then
-from app.core.states import CircuitState, ErrorKind, SagaStatus, StepStatus
+from app.core.states import CircuitState, Direction, ErrorKind, SagaStatus, StepStatus
 from app.core.views import DefinitionRecord, SagaSummary, SagaView, ServiceRecord
 
 REDACTED = "[redacted]"
@@ -23,7 +24,38 @@ class Page(BaseModel, Generic[T]):
     """One page of a list; pass `next_cursor` back as `cursor` for the next (null: the end)."""
 
     items: list[T]
-    next_cursor: str | None
+    next_cursor: Annotated[
+        Annotated[str, Field(json_schema_extra={"pattern": patterns.CURSOR})] | None,
+        Field(
+            description="Opaque: pass it back unchanged as `cursor` for the next page; "
+            "null on the last page.",
+            examples=["InBheW1lbnRzIg"],
+        ),
+    ]
+
+
+class SagaError(BaseModel):
+    """Why a saga compensated or failed: the step (null when the saga as a whole was
+    cancelled), the kind of failure and a message."""
+
+    model_config = ConfigDict(extra="allow", title="SagaError")
+
+    step: str | None = Field(examples=["create_order"])
+    kind: ErrorKind
+    message: str = Field(examples=["400 Bad Request"])
+
+
+class StepError(BaseModel):
+    """A step's last failed attempt: its kind (null when the call answered a status that
+    is not retried), message, HTTP status, attempt number and direction."""
+
+    model_config = ConfigDict(extra="allow", title="StepError")
+
+    kind: ErrorKind | None
+    message: str = Field(examples=["503 Service Unavailable"])
+    status_code: int | None = Field(examples=[503])
+    attempt: int = Field(ge=1, examples=[1])
+    direction: Direction
 
 
 class ProblemError(BaseModel):
@@ -227,9 +259,19 @@ class PlanOut(BaseModel):
 class SagaStart(Document):
     """`POST /v1/sagas` body."""
 
-    definition: Name
-    version: Annotated[int, Field(ge=1, le=2_000_000_000)] | None = None
-    input: Any = Field(default_factory=dict)
+    definition: Name = Field(
+        description="A registered definition (an unknown one is a `422`, `unknown-definition`)."
+    )
+    version: Annotated[int, Field(ge=1, le=2_000_000_000)] | None = Field(
+        default=None,
+        description="The definition's version to run; absent or null: the latest.",
+    )
+    input: Any = Field(
+        default_factory=dict,
+        description="Any JSON value, what `${input…}` references read; absent: `{}`. "
+        "null is a value of its own (the saga's input is null), so it is other input "
+        "than `{}` for an Idempotency-Key.",
+    )
     business_key: BusinessKey | None = None
     labels: Labels = Field(default_factory=dict)
 
@@ -241,7 +283,7 @@ class StepOut(BaseModel):
     compensation_attempts: int
     status_code: int | None
     response: Any
-    last_error: dict[str, Any] | None
+    last_error: StepError | None
     started_at: datetime | None
     finished_at: datetime | None
 
@@ -260,7 +302,7 @@ class SagaOut(BaseModel):
     finished_at: datetime | None
     deadline_at: datetime | None
     cancel_requested: bool
-    error: dict[str, Any] | None
+    error: SagaError | None
     steps: list[StepOut]
 
     @classmethod
@@ -292,7 +334,7 @@ class StepSummaryOut(BaseModel):
     attempts: int
     compensation_attempts: int
     status_code: int | None
-    last_error: dict[str, Any] | None
+    last_error: StepError | None
     started_at: datetime | None
     finished_at: datetime | None
 
@@ -313,7 +355,7 @@ class SagaSummaryOut(BaseModel):
     finished_at: datetime | None
     deadline_at: datetime | None
     cancel_requested: bool
-    error: dict[str, Any] | None
+    error: SagaError | None
     steps: list[StepSummaryOut]
 
     @classmethod

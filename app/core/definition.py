@@ -12,6 +12,7 @@ import ipaddress
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -20,11 +21,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
+from app.core import patterns
 from app.core.hosts import HostPolicy, url_host_port
 from app.core.templates import TemplateError, iter_refs, strip_refs
 
@@ -53,6 +58,25 @@ RESERVED_HEADERS = frozenset(
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["checkout"])]
 # Definition fields added after v1, with their defaults (see `content_hash`).
 ADDED_FIELDS: dict[str, Any] = {"exclusive": False}
+
+
+def _pattern_with_length(pattern: str) -> Callable[[dict[str, Any]], None]:
+    """`pattern` with the field's `maxLength` folded into it as a lookahead: the same
+    strings, but a generator need not build a string of that length that matches."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        limit = schema.pop("maxLength")
+        schema["pattern"] = f"^(?=.{{0,{limit}}}$)" + pattern.removeprefix("^")
+
+    return extra
+
+
+def _headers_schema(value: str) -> dict[str, Any]:
+    """The schema of a `headers` map: what `_check_headers` accepts, as patterns."""
+    return {
+        "propertyNames": {"pattern": patterns.header_name(RESERVED_HEADERS)},
+        "additionalProperties": {"type": "string", "pattern": value},
+    }
 
 
 def check_json(value: Any, where: str = "body", depth: int = 0) -> None:
@@ -153,11 +177,23 @@ class CircuitBreakerConfig(Document):
 class ServiceSpec(Document):
     """`PUT /v1/services/{name}` body."""
 
-    base_url: str = Field(max_length=2048, examples=["http://127.0.0.1:9001"])
+    base_url: str = Field(
+        max_length=2048,
+        examples=["http://127.0.0.1:9001"],
+        description="An absolute http(s) URL with a host and no credentials, at most 2048 "
+        "characters; its host must be allowed by SAGA_ALLOWED_HOSTS (else `422`, "
+        "`host-not-allowed`).",
+        json_schema_extra=_pattern_with_length(patterns.HTTP_URL),
+    )
     timeout_seconds: float = Field(default=DEFAULT_STEP_TIMEOUT, gt=0, le=600)
     max_concurrency: int = Field(default=20, ge=1, le=10000)
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
-    headers: dict[str, str] = Field(default_factory=dict, max_length=64)
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Sent with every call to the service; values are secrets, never echoed.",
+        json_schema_extra=_headers_schema(patterns.HEADER_VALUE),
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -208,15 +244,21 @@ def valid_host(host: str) -> bool:
         return _DNS_NAME.match(host) is not None
 
 
+_SUCCESS = {"minimum": 200, "maximum": 299}  # a 2xx is a success: never retried
+
+
 class RetryPolicy(Document):
+    """When to try again. `max_interval_seconds` may not be below
+    `initial_interval_seconds` (`422`)."""
+
     max_attempts: int = Field(default=3, ge=1, le=1000)
     initial_interval_seconds: float = Field(default=1.0, gt=0, le=86400)
     backoff_coefficient: float = Field(default=2.0, ge=1.0, le=100)
     max_interval_seconds: float = Field(default=60.0, gt=0, le=86400)
     jitter: bool = True
-    retry_on_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(
-        default_factory=lambda: list(DEFAULT_RETRY_ON_STATUS), max_length=100
-    )
+    retry_on_status: list[
+        Annotated[int, Field(ge=100, le=599, json_schema_extra={"not": _SUCCESS})]
+    ] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON_STATUS), max_length=100)
 
     @model_validator(mode="after")
     def _interval_order(self) -> RetryPolicy:
@@ -234,15 +276,82 @@ def _default_compensation_retry() -> RetryPolicy:
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
-class CallSpec(Document):
-    """One HTTP call: `service` + `path`, or an absolute `url`."""
+CallPath = Annotated[
+    str,
+    Field(
+        max_length=2048,
+        description="With `service`: starts with `/`, appended to its `base_url`; may hold "
+        "`${…}` references (each rendered value is percent-encoded).",
+        examples=["/charges"],
+        json_schema_extra={"pattern": patterns.CALL_PATH},
+    ),
+]
+CallUrl = Annotated[
+    str,
+    Field(
+        max_length=2048,
+        description="Instead of `service` + `path`: an absolute http(s) URL; `${…}` "
+        "references only in its path and query.",
+        examples=["http://127.0.0.1:9002/hooks/${saga.id}"],
+        json_schema_extra={"pattern": patterns.CALL_URL},
+    ),
+]
+CallHeaders = Annotated[
+    dict[str, str],
+    Field(
+        default_factory=dict,
+        max_length=64,
+        description="Added to the service's headers; values may hold `${…}` references.",
+        json_schema_extra=_headers_schema(patterns.CALL_HEADER_VALUE),
+    ),
+]
+CallBody = Annotated[Any, Field(default=None, description="Any JSON; may hold `${…}`.")]
+_ABSENT = "Absent (or null) here."
+CALL_DESCRIPTION = "One HTTP call: `service` + `path`, or an absolute `url`."
 
-    service: Name | None = None
-    path: str | None = Field(default=None, max_length=2048)
-    url: str | None = Field(default=None, max_length=2048)
+
+class ServiceCall(Document):
+    """A call to a registered service: `service` + `path`."""
+
+    service: Name = Field(description="A registered service")
+    path: CallPath
+    url: None = Field(default=None, description=_ABSENT)
     method: HttpMethod = "POST"
-    headers: dict[str, str] = Field(default_factory=dict, max_length=64)
-    body: Any = None
+    headers: CallHeaders
+    body: CallBody
+
+
+class UrlCall(Document):
+    """A call to an absolute `url`."""
+
+    service: None = Field(default=None, description=_ABSENT)
+    path: None = Field(default=None, description=_ABSENT)
+    url: CallUrl
+    method: HttpMethod = "POST"
+    headers: CallHeaders
+    body: CallBody
+
+
+class CallSpec(Document):
+    """One HTTP call: `service` + `path`, or an absolute `url`.
+
+    One model validates both; the document shows the two shapes a client builds,
+    `ServiceCall` and `UrlCall` (`oneOf`), which are only schemas.
+    """
+
+    service: Name | None = Field(default=None, description="A registered service")
+    path: CallPath | None = None
+    url: CallUrl | None = None
+    method: HttpMethod = "POST"
+    headers: CallHeaders
+    body: CallBody
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        shapes = [handler(m.__pydantic_core_schema__) for m in (ServiceCall, UrlCall)]
+        return {"title": "CallSpec", "description": CALL_DESCRIPTION, "oneOf": shapes}
 
     @field_validator("method", mode="before")
     @classmethod

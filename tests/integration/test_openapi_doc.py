@@ -4,6 +4,7 @@ example fits its schema. The fuzzer (tests/fuzz) checks the answers against it."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -217,3 +218,172 @@ async def test_405_names_every_method_of_the_path(
             assert allow == declared, (method, url, r.headers["allow"])
             checked += 1
     assert checked > 40
+
+
+OPERATION_IDS = {
+    "GET /healthz": ("getHealth", "operations"),
+    "GET /readyz": ("getReadiness", "operations"),
+    "GET /metrics": ("getMetrics", "operations"),
+    "PUT /v1/services/{name}": ("registerService", "services"),
+    "GET /v1/services/{name}": ("getService", "services"),
+    "GET /v1/services": ("listServices", "services"),
+    "POST /v1/definitions": ("registerDefinition", "definitions"),
+    "GET /v1/definitions": ("listDefinitions", "definitions"),
+    "GET /v1/definitions/{name}": ("getDefinition", "definitions"),
+    "GET /v1/definitions/{name}/versions/{version}": ("getDefinitionVersion", "definitions"),
+    "POST /v1/sagas": ("startSaga", "sagas"),
+    "GET /v1/sagas": ("listSagas", "sagas"),
+    "GET /v1/sagas/{saga_id}": ("getSaga", "sagas"),
+    "GET /v1/sagas/{saga_id}/events": ("listSagaEvents", "sagas"),
+    "POST /v1/sagas/{saga_id}/cancel": ("cancelSaga", "sagas"),
+    "GET /v1/admin/dead-letters": ("listDeadLetters", "admin"),
+    "GET /v1/admin/dead-letters/{dl_id}": ("getDeadLetter", "admin"),
+    "POST /v1/admin/dead-letters/{dl_id}/retry": ("retryDeadLetter", "admin"),
+    "POST /v1/admin/dead-letters/{dl_id}/discard": ("discardDeadLetter", "admin"),
+    "POST /v1/admin/services/{name}/circuit/reset": ("resetCircuit", "admin"),
+    "GET /v1/admin/audit": ("listAuditEntries", "admin"),
+    "GET /v1/admin/dashboard": ("getDashboard", "admin"),
+}
+# The business rules no schema can state, as named examples of these answers.
+RULES = {
+    ("GET /v1/services", "400"): {"bad-cursor"},
+    ("GET /v1/definitions", "400"): {"bad-cursor"},
+    ("GET /v1/sagas", "400"): {"bad-cursor"},
+    ("GET /v1/sagas/{saga_id}/events", "400"): {"bad-cursor"},
+    ("GET /v1/admin/dead-letters", "400"): {"bad-cursor"},
+    ("GET /v1/admin/audit", "400"): {"bad-cursor"},
+    ("POST /v1/sagas", "422"): {"unknown-definition", "idempotency-key-reused"},
+    ("PUT /v1/services/{name}", "422"): {"host-not-allowed"},
+    ("POST /v1/definitions", "422"): {"invalid-definition", "retry-intervals"},
+}
+
+
+async def test_the_document_is_valid_openapi_3_1(doc: dict[str, Any]) -> None:
+    from openapi_spec_validator import validate
+    from openapi_spec_validator.validation import OpenAPIV31SpecValidator
+
+    assert doc["openapi"].startswith("3.1.")
+    validate(doc, cls=OpenAPIV31SpecValidator)
+
+
+async def test_operation_ids_and_tags_are_stable(doc: dict[str, Any]) -> None:
+    """Generated clients name their modules and methods after these: they are API."""
+    found = {
+        f"{m} {p}": (op.get("operationId"), *op.get("tags", [])) for m, p, op in operations(doc)
+    }
+    assert found == OPERATION_IDS
+    assert [t["name"] for t in doc["tags"]] == [
+        "sagas",
+        "definitions",
+        "services",
+        "admin",
+        "operations",
+    ]
+    assert all(t.get("description") for t in doc["tags"])
+
+
+async def test_no_parameter_is_nullable(doc: dict[str, Any]) -> None:
+    """A query or header value is absent or a string: never `null` (FastAPI writes an
+    optional parameter as `anyOf: [T, null]`; the document says what is sent)."""
+    nullable = [
+        f"{m} {p} {param['name']}"
+        for m, p, op in operations(doc)
+        for param in op.get("parameters", [])
+        if "null" in json.dumps(param["schema"])
+    ]
+    assert not nullable, nullable
+    key = next(
+        p for p in doc["paths"]["/v1/sagas"]["post"]["parameters"] if p["name"] == "Idempotency-Key"
+    )
+    assert key["schema"]["type"] == "string" and key["schema"]["maxLength"] == 255
+    assert "pattern" in key["schema"]
+
+
+async def test_cursors_are_opaque_with_their_shape(doc: dict[str, Any]) -> None:
+    lists = 0
+    for method, path, op in operations(doc):
+        for param in op.get("parameters", []):
+            if param["name"] != "cursor":
+                continue
+            lists += 1
+            assert param["schema"]["pattern"] == "^[A-Za-z0-9_-]{1,512}$", (method, path)
+            assert "Opaque" in param["description"] and "bad-cursor" in param["description"]
+    assert lists == 6
+
+
+async def test_errors_and_calls_have_schemas(doc: dict[str, Any]) -> None:
+    schemas = doc["components"]["schemas"]
+    saga_error = {"anyOf": [{"$ref": "#/components/schemas/SagaError"}, {"type": "null"}]}
+    step_error = {"anyOf": [{"$ref": "#/components/schemas/StepError"}, {"type": "null"}]}
+    for name in ("SagaOut", "SagaSummaryOut"):
+        assert schemas[name]["properties"]["error"] == saga_error, name
+    for name in ("StepOut", "StepSummaryOut"):
+        assert schemas[name]["properties"]["last_error"] == step_error, name
+    assert set(schemas["SagaError"]["required"]) == {"step", "kind", "message"}
+    assert set(schemas["StepError"]["required"]) == {
+        "kind",
+        "message",
+        "status_code",
+        "attempt",
+        "direction",
+    }
+    # A call is one of two shapes, each a component (a generated client gets a class
+    # for each): service + path, or url; the unused fields absent or null.
+    shapes = [ref["$ref"].rsplit("/", 1)[1] for ref in schemas["CallSpec"]["oneOf"]]
+    assert shapes == ["ServiceCall", "UrlCall"]
+    assert set(schemas["ServiceCall"]["required"]) == {"service", "path"}
+    assert set(schemas["UrlCall"]["required"]) == {"url"}
+    assert schemas["ServiceCall"]["properties"]["url"]["type"] == "null"
+    for shape in shapes:
+        assert {"method", "headers", "body"} <= set(schemas[shape]["properties"]), shape
+        assert schemas[shape]["additionalProperties"] is False
+    assert schemas["ServiceSpec"]["properties"]["base_url"]["pattern"].startswith("^")
+    assert "null" not in json.dumps(schemas["ServiceSpec"]["properties"]["base_url"])
+
+
+async def test_business_rules_are_named_answers(doc: dict[str, Any]) -> None:
+    """What a schema-valid request can still meet: one named example per rule, its
+    `type` the problem type the server answers with (tests/integration/
+    test_openapi_acceptance.py holds the server to this list)."""
+    found = {}
+    for method, path, op in operations(doc):
+        for code, response in op["responses"].items():
+            named = response.get("content", {}).get(PROBLEM_JSON, {}).get("examples", {})
+            rules = set(named) - {"malformed-json", "validation"}
+            if rules:
+                found[(f"{method} {path}", code)] = rules
+            for slug, example in named.items():
+                kind = example["value"]["type"]
+                assert kind.endswith(":" + slug) or slug == "retry-intervals", (path, slug)
+    assert found == RULES
+
+
+async def test_every_schema_example_fits_its_schema(doc: dict[str, Any]) -> None:
+    """`examples` inside schemas (fields, parameters) fit the schema they are in."""
+    checked = 0
+    bad = []
+
+    def walk(schema: Any, where: str) -> None:
+        nonlocal checked
+        if isinstance(schema, list):
+            for i, item in enumerate(schema):
+                walk(item, f"{where}[{i}]")
+            return
+        if not isinstance(schema, dict):
+            return
+        if isinstance(schema.get("examples"), list) and ("type" in schema or "anyOf" in schema):
+            for example in schema["examples"]:
+                checked += 1
+                errors = list(validator(doc, schema).iter_errors(example))
+                if errors:
+                    bad.append(f"{where}: {example!r}: {errors[0].message}")
+        for key, value in schema.items():
+            if key not in ("examples", "example"):
+                walk(value, f"{where}/{key}")
+
+    walk(doc["components"]["schemas"], "components")
+    for method, path, op in operations(doc):
+        for param in op.get("parameters", []):
+            walk(param["schema"], f"{method} {path} {param['name']}")
+    assert not bad, "\n".join(bad)
+    assert checked >= 10, checked
