@@ -289,6 +289,8 @@ def _with_nulls(value: Any) -> Any:
 OPERATION_IDS = {
     "put_service": "registerService",
     "post_definition": "registerDefinition",
+    "get_plan": "getDefinitionPlan",
+    "get_version_plan": "getDefinitionVersionPlan",
     "saga_events": "listSagaEvents",
     "audit_log": "listAuditEntries",
     "reset_circuit": "resetCircuit",

@@ -277,6 +277,7 @@ PLAN_LINKS = {
 
 @router.get(
     "/definitions/{name}/plan",
+    tags=["definitions"],
     response_model=PlanOut,
     summary="Failure plan of the latest version: what happens when each step fails",
     description=PLAN_DOC,
@@ -292,6 +293,7 @@ async def get_plan(name: NamePath, ctx: Ctx) -> PlanOut:
 
 @router.get(
     "/definitions/{name}/versions/{version}/plan",
+    tags=["definitions"],
     response_model=PlanOut,
     summary="Failure plan of one version",
     description=PLAN_DOC,

@@ -15,14 +15,20 @@ from pydantic import AfterValidator, Field, StringConstraints
 LABEL_KEY_PATTERN = r"^[a-z][a-z0-9_.-]{0,62}$"
 MAX_LABELS = 16
 MAX_TEXT = 255
+# "Printable": no control character (C0, DEL, C1). Written as a pattern both Python and
+# JSON Schema read alike, so the document states the rule. (Lone surrogates, which JSON
+# can carry but no text column can store, are refused too.)
+PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
 _LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
+_PRINTABLE = re.compile(PRINTABLE_PATTERN)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def printable_problem(value: str) -> str | None:
     """Why `value` is not 1..255 printable characters, or None when it is."""
     if not 1 <= len(value) <= MAX_TEXT:
         return f"must be 1 to {MAX_TEXT} characters long, not {len(value)}"
-    if not value.isprintable():
+    if not _PRINTABLE.match(value) or (not value.isascii() and _SURROGATE.search(value)):
         return "must be printable characters only (no control characters, tabs or newlines)"
     return None
 
@@ -39,13 +45,18 @@ BusinessKey = Annotated[
     Field(
         min_length=1,
         max_length=MAX_TEXT,
+        json_schema_extra={"pattern": PRINTABLE_PATTERN},  # checked by `_printable`
         description="1-255 printable characters, e.g. the order number.",
         examples=["order-1001"],
     ),
     AfterValidator(_printable),
 ]
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
-LabelValue = Annotated[str, Field(min_length=1, max_length=MAX_TEXT), AfterValidator(_printable)]
+LabelValue = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_TEXT, json_schema_extra={"pattern": PRINTABLE_PATTERN}),
+    AfterValidator(_printable),
+]
 Labels = Annotated[
     dict[LabelKey, LabelValue],
     Field(

@@ -115,7 +115,7 @@ async def test_schema_valid_requests_are_accepted(db_url: str, tmp_path: Path) -
             "--workers",
             "1",
             "--request-timeout",
-            "20",
+            "35",  # a long-poll of a saga that never ends (no executor) holds up to 30 s
             "--header",
             f"Authorization: Bearer {ADMIN_TOKEN}",
             "--report",

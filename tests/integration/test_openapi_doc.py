@@ -231,6 +231,11 @@ OPERATION_IDS = {
     "GET /v1/definitions": ("listDefinitions", "definitions"),
     "GET /v1/definitions/{name}": ("getDefinition", "definitions"),
     "GET /v1/definitions/{name}/versions/{version}": ("getDefinitionVersion", "definitions"),
+    "GET /v1/definitions/{name}/plan": ("getDefinitionPlan", "definitions"),
+    "GET /v1/definitions/{name}/versions/{version}/plan": (
+        "getDefinitionVersionPlan",
+        "definitions",
+    ),
     "POST /v1/sagas": ("startSaga", "sagas"),
     "GET /v1/sagas": ("listSagas", "sagas"),
     "GET /v1/sagas/{saga_id}": ("getSaga", "sagas"),
