@@ -23,6 +23,7 @@ from app.api.pagination import (
 )
 from app.api.schemas import EventOut, Page, SagaOut, SagaStart, SagaSummaryOut
 from app.core.definition import NAME_PATTERN
+from app.core.labels import LABEL_FILTER_PATTERN, PRINTABLE_PATTERN
 from app.core.states import SagaStatus
 from app.core.views import SagaDocument, StartResult
 from app.logs import request_id_var
@@ -154,12 +155,18 @@ async def list_sagas(
     ] = None,
     business_key: Annotated[
         str | None,
-        Query(min_length=1, max_length=255, description="Only sagas with this business key"),
+        Query(
+            min_length=1,
+            max_length=255,
+            json_schema_extra={"pattern": PRINTABLE_PATTERN},  # checked by the use case
+            description="Only sagas with this business key",
+        ),
     ] = None,
     label: Annotated[
         list[str] | None,
         Query(
             max_length=16,
+            json_schema_extra={"items": {"type": "string", "pattern": LABEL_FILTER_PATTERN}},
             description="`key:value`; repeat it for more labels: only sagas that have all",
         ),
     ] = None,

@@ -19,6 +19,8 @@ MAX_TEXT = 255
 # JSON Schema read alike, so the document states the rule. (Lone surrogates, which JSON
 # can carry but no text column can store, are refused too.)
 PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+# A list's `label=key:value` filter, as the document states it.
+LABEL_FILTER_PATTERN = r"^[a-z][a-z0-9_.-]{0,62}:[^\x00-\x1f\x7f-\x9f]{1,255}$"
 _LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
 _PRINTABLE = re.compile(PRINTABLE_PATTERN)
 _SURROGATE = re.compile("[\ud800-\udfff]")
