@@ -56,8 +56,10 @@ RESERVED_HEADERS = frozenset(
 )
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["checkout"])]
-# Definition fields added after v1, with their defaults (see `content_hash`).
+# Definition and step fields added after v1, with their defaults (see `content_hash`).
 ADDED_FIELDS: dict[str, Any] = {"exclusive": False}
+ADDED_STEP_FIELDS: dict[str, Any] = {"callback": None}
+MAX_CALLBACK_TIMEOUT = 604800  # seven days
 
 
 def _pattern_with_length(pattern: str) -> Callable[[dict[str, Any]], None]:
@@ -397,6 +399,14 @@ class FallbackSpec(Document):
     response: Any = None
 
 
+class CallbackSpec(Document):
+    """The step is asynchronous: its participant may answer `202` and report the result
+    later to the URL in `X-Saga-Callback-URL`, within `timeout_seconds` of the attempt's
+    start (else the attempt is a timeout with an unknown outcome, retried by `retry`)."""
+
+    timeout_seconds: float = Field(ge=1, le=MAX_CALLBACK_TIMEOUT, examples=[3600])
+
+
 class StepSpec(Document):
     name: Name
     action: CallSpec
@@ -407,6 +417,11 @@ class StepSpec(Document):
     critical: bool = True
     fallback: FallbackSpec | None = None
     pivot: bool = False
+    callback: CallbackSpec | None = Field(
+        default=None,
+        description="Makes the step a callback step: the participant may answer `202` "
+        "and report later with `POST /v1/callbacks/{token}`.",
+    )
 
 
 class DefinitionSpec(Document):
@@ -430,6 +445,10 @@ class DefinitionSpec(Document):
         for field, default in ADDED_FIELDS.items():
             if document.get(field) == default:
                 document.pop(field, None)
+        for step in document["steps"]:
+            for field, default in ADDED_STEP_FIELDS.items():
+                if step.get(field) == default:
+                    step.pop(field, None)
         canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

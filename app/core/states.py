@@ -29,6 +29,7 @@ TERMINAL_SAGA = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaSta
 class StepStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # a callback step's participant accepted the call; no report yet
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     FALLBACK = "fallback"
@@ -61,6 +62,9 @@ class EventType(StrEnum):
     COMPENSATION_STARTED = "compensation_started"
     CANCEL_REQUESTED = "cancel_requested"
     DEAD_LETTER_RETRIED = "dead_letter_retried"
+    CALLBACK_REPORTED = "callback_reported"  # a callback step's participant reported
+    NOTIFICATION_DELIVERED = "notification_delivered"
+    NOTIFICATION_FAILED = "notification_failed"  # its attempts are exhausted: a dead letter
     EXECUTOR_ERROR = "executor_error"
     SAGA_COMPLETED = "saga_completed"
     SAGA_COMPENSATED = "saga_compensated"
@@ -90,6 +94,13 @@ class SlotKind(StrEnum):
 class Direction(StrEnum):
     ACTION = "action"
     COMPENSATION = "compensation"
+    NOTIFY = "notify"  # a completion notification (dead letters only; no step)
+
+
+class NotificationStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
 
 
 class DeadLetterStatus(StrEnum):
@@ -109,6 +120,7 @@ class AttemptOutcome(StrEnum):
 
     STARTED = "started"  # written before the call; replaced by the outcome after it
     SUCCEEDED = "succeeded"
+    ACCEPTED = "accepted"  # a callback step answered 202: it waits for the report
     RETRYABLE = "retryable"  # failed, another attempt will follow
     FAILED = "failed"  # failed for good
     ABANDONED = "abandoned"  # the process died or lost its lease mid-call
@@ -128,6 +140,16 @@ SAGA_TRANSITIONS: dict[SagaStatus, frozenset[SagaStatus]] = {
 STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
     StepStatus.PENDING: frozenset({StepStatus.RUNNING, StepStatus.FAILED}),
     StepStatus.RUNNING: frozenset(
+        {
+            StepStatus.SUCCEEDED,
+            StepStatus.FAILED,
+            StepStatus.FALLBACK,
+            StepStatus.RUNNING,
+            StepStatus.WAITING,
+        }
+    ),
+    # A wait ends with the report, or with the timeout (retried, or failed for good).
+    StepStatus.WAITING: frozenset(
         {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.FALLBACK, StepStatus.RUNNING}
     ),
     StepStatus.SUCCEEDED: frozenset({StepStatus.COMPENSATING}),

@@ -262,6 +262,31 @@ class SagaStep(Base):
     finished_at: Mapped[datetime | None] = tstz(nullable=True)
 
 
+class CallbackToken(Base):
+    """One attempt of a callback step: the SHA-256 of its token (the token is never
+    stored), when its wait is due, and the participant's report. A report and the end of
+    the wait (timeout, cancel, a crash) each write `report` or `closed_at` only while both
+    are empty: the row decides which one came first, so an attempt has one outcome."""
+
+    __tablename__ = "callback_tokens"
+    __table_args__ = (
+        UniqueConstraint("saga_id", "step_idx", "attempt"),
+        CheckConstraint("report IS NULL OR closed_at IS NULL", name="one_end"),
+    )
+
+    token_hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    saga_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("sagas.id", ondelete="CASCADE")
+    )
+    step_idx: Mapped[int] = mapped_column(SmallInteger)
+    attempt: Mapped[int] = mapped_column(Integer)
+    due_at: Mapped[datetime] = tstz()
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    reported_at: Mapped[datetime | None] = tstz(nullable=True)
+    closed_at: Mapped[datetime | None] = tstz(nullable=True)
+    created_at: Mapped[datetime] = tstz(default_now=True)
+
+
 class SagaEvent(Base):
     """Append-only history: saga transitions and every attempt's start and outcome."""
 

@@ -38,6 +38,11 @@ LEGAL_STEP_MOVES = {
     (T.RUNNING, T.SUCCEEDED),
     (T.RUNNING, T.FAILED),
     (T.RUNNING, T.FALLBACK),
+    (T.RUNNING, T.WAITING),  # a callback step's participant answered 202
+    (T.WAITING, T.SUCCEEDED),  # reported success
+    (T.WAITING, T.FAILED),  # reported failure, or no report and no attempts left
+    (T.WAITING, T.FALLBACK),
+    (T.WAITING, T.RUNNING),  # no report in time: another attempt, with a new token
     (T.SUCCEEDED, T.COMPENSATING),
     (T.FAILED, T.COMPENSATING),  # outcome unknown: compensated on unwind
     (T.FAILED, T.RUNNING),  # operator retry
@@ -63,6 +68,7 @@ def test_step_status_values_match_contract() -> None:
     assert {s.value for s in StepStatus} == {
         "pending",
         "running",
+        "waiting",  # v1.1
         "succeeded",
         "failed",
         "fallback",
