@@ -140,6 +140,10 @@ def _serve(settings: Settings, database: Database, host: str, port: int, executo
 
     from app.main import create_app
 
+    if settings.public_url is None and executor:
+        # Callback steps' participants report to this process unless told otherwise.
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        settings = settings.model_copy(update={"public_url": f"http://{local}:{port}"})
     app = create_app(settings, database.url, run_executor=executor)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the
     # handler that was installed before it (`_exit_cleanly`, from main): an orderly

@@ -17,7 +17,15 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.api import admin_routes, health, openapi, problems, registry_routes, saga_routes
+from app.api import (
+    admin_routes,
+    callback_routes,
+    health,
+    openapi,
+    problems,
+    registry_routes,
+    saga_routes,
+)
 from app.api.auth import Tokens
 from app.api.context import AppContext
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, V1GuardMiddleware
@@ -32,6 +40,7 @@ from app.logs import known_secrets
 from app.participants.client import ParticipantClient
 from app.settings import Settings
 from app.store.admin import AdminStore
+from app.store.callbacks import CallbackStore
 from app.store.db import make_engine
 from app.store.documents import SagaDocuments
 from app.store.listen import Listener, SagaWaiters
@@ -43,6 +52,7 @@ from app.store.sessions import SessionStore
 from app.store.stats import StatsStore
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import Tracing
+from app.usecases.callbacks import Callbacks
 from app.usecases.catalog import Catalog
 from app.usecases.operations import Operations
 from app.usecases.sagas import Sagas
@@ -96,6 +106,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
         failpoint=settings.failpoint,
         retention_seconds=settings.retention_seconds,
+        callback_url=f"{settings.callback_base}/v1/callbacks/",
     )
 
 
@@ -216,6 +227,7 @@ def create_app(
                 settings.idempotency_ttl_hours * 3600,
                 local=LocalHandoff(executor) if executor is not None else None,
             ),
+            callbacks=Callbacks(CallbackStore(engine)),
             catalog=Catalog(registry, settings.host_policy),
             ops=Operations(admin, StatsStore(engine), registry, SessionStore(engine)),
             metrics=metrics,
@@ -262,6 +274,7 @@ def create_app(
     app.include_router(health.router, tags=["operations"])
     app.include_router(registry_routes.router)  # tagged per route: services, definitions
     app.include_router(saga_routes.router, tags=["sagas"])
+    app.include_router(callback_routes.router, tags=["callbacks"])
     app.include_router(admin_routes.router, tags=["admin"])
     app.include_router(dashboard_routes.api, tags=["admin"])
     app.include_router(dashboard_routes.pages)

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         return self.retention_hours * 3600 if self.retention_hours else None
 
     @property
+    def callback_base(self) -> str:
+        """The orchestrator's address as participants reach it (callback steps report
+        there): SAGA_PUBLIC_URL, else the default local address."""
+        return self.public_url or "http://127.0.0.1:8000"
+
+    @property
     def https(self) -> bool:
         """Served to its users over https (SAGA_PUBLIC_URL says so): cookies are Secure."""
         return bool(self.public_url and self.public_url.startswith("https://"))

@@ -45,6 +45,7 @@ class Access(Enum):
     API = "api"  # start, read, cancel sagas; read services and definitions
     REGISTER = "register"  # register, replace or delete services and definitions
     ADMIN = "admin"  # /v1/admin/* and the dashboard
+    CALLBACK = "callback"  # a participant's report: the token in the path is the credential
 
 
 ANONYMOUS = "anonymous"  # the actor of a registration on an open API
@@ -55,6 +56,8 @@ def access_for(method: str, path: str) -> Access:
     decided before the body is read)."""
     if path.startswith("/v1/admin/"):
         return Access.ADMIN
+    if path.startswith("/v1/callbacks/"):
+        return Access.CALLBACK
     writes = method in ("PUT", "POST", "PATCH", "DELETE")
     if writes and (path.startswith("/v1/services/") or path.rstrip("/") == "/v1/definitions"):
         return Access.REGISTER
@@ -73,6 +76,8 @@ def check(tokens: Tokens, authorization: str | None, access: Access) -> Problem 
     always need the admin token.
     """
     given = bearer(authorization)
+    if access is Access.CALLBACK:
+        return None
     if access is not Access.ADMIN and tokens.api is None:
         return Tokens.token_id(given) if given else None
     if given is None:

@@ -12,6 +12,7 @@ from app.api.auth import Tokens
 from app.dashboard.auth import LoginLimiter
 from app.settings import Settings
 from app.telemetry.metrics import Metrics
+from app.usecases.callbacks import Callbacks
 from app.usecases.catalog import Catalog
 from app.usecases.operations import Operations
 from app.usecases.sagas import Sagas
@@ -21,6 +22,7 @@ from app.usecases.sagas import Sagas
 class AppContext:
     settings: Settings
     sagas: Sagas
+    callbacks: Callbacks
     catalog: Catalog
     ops: Operations
     metrics: Metrics

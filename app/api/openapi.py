@@ -303,6 +303,11 @@ TAGS = [
     {"name": "sagas", "description": "Start sagas, follow them, read their history, cancel."},
     {"name": "definitions", "description": "Saga definitions: steps, calls, retry policies."},
     {"name": "services", "description": "Participant services: where calls go, and how."},
+    {
+        "name": "callbacks",
+        "description": "Participants report a callback step's outcome (no bearer token: "
+        "the callback URL's token is the credential).",
+    },
     {"name": "admin", "description": "Operators (admin token): dead letters, breakers, audit."},
     {"name": "operations", "description": "Liveness, readiness and metrics."},
 ]

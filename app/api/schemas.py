@@ -407,6 +407,14 @@ class DeadLetterOut(BaseModel):
         return cls(**fields)
 
 
+class CallbackAnswer(BaseModel):
+    """A report was taken: the saga and step it completes, and the reported status."""
+
+    saga_id: uuid.UUID
+    step: str = Field(examples=["charge"])
+    status: Literal["succeeded", "failed"]
+
+
 class DiscardRequest(Document):
     reason: str = Field(min_length=1, max_length=1000, examples=["refunded by hand"])
 

@@ -23,6 +23,7 @@ class CallFailure(StrEnum):
     TEMPLATE = "template"  # the request could not be built: nothing was sent
     TOO_LARGE = "too_large"  # a 2xx answer whose body is over the cap: done, but unusable
     BLOCKED = "blocked"  # the host or an address it resolves to is not allowed: not sent
+    REPORTED_FAILURE = "reported_failure"  # a callback step's participant reported failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,10 @@ def classify(result: CallResult, retry_on_status: list[int] | tuple[int, ...]) -
         return Outcome(False, True, True, ErrorKind.CONNECTION, result.message)
     if result.failure is CallFailure.TIMEOUT:
         return Outcome(False, True, True, ErrorKind.TIMEOUT, result.message)
+    if result.failure is CallFailure.REPORTED_FAILURE:
+        # The participant said it failed, for good; it may have done part of it, so the
+        # step is compensated on unwind.
+        return Outcome(False, False, True, ErrorKind.CALLBACK_FAILED, result.message)
     if result.failure is CallFailure.TOO_LARGE:
         # The participant did it; asking again would bring the same body. Final, and
         # compensated on unwind like any applied action.

@@ -29,6 +29,7 @@ from app.core.decide import (
     BeginCompensation,
     Call,
     Finish,
+    GiveUp,
     begin_compensation,
     decide,
     finish,
@@ -180,8 +181,10 @@ class _Simulation:
         elif isinstance(action, BeginCompensation):
             commit = begin_compensation(self.state, action)
             self.then = self.then or Then.COMPENSATE
-        else:  # no attempt is ever cut off here
+        elif isinstance(action, GiveUp):  # no attempt is ever cut off here
             commit = give_up(self.spec, self.state, action, self.now)
+        else:  # a callback's report is simulated as the attempt's answer: nothing waits
+            raise AssertionError(f"the simulated saga waits for a callback: {action}")
         self._commit(commit)
         return not self.state.status.terminal
 

@@ -196,3 +196,21 @@ class Pruned:
     def counts(self) -> dict[str, int]:
         """Table name -> rows."""
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+class ReportOutcome(Enum):
+    """What became of a callback report."""
+
+    TAKEN = "taken"
+    REPEATED = "repeated"  # the very report was taken before: idempotent success
+    DIFFERENT = "different"  # another report was taken for this attempt
+    CLOSED = "closed"  # the attempt's wait is over (timed out, or the saga moved on)
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    outcome: ReportOutcome
+    saga_id: uuid.UUID | None = None
+    step: str | None = None
+    attempt: int | None = None

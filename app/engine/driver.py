@@ -10,26 +10,34 @@ first, the service or its breaker changed, the bulkhead was full).
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from app.core.breaker import Breaker, Passage, after_call, gate, recheck_after
+from app.core.callbacks import CALLBACK_URL_HEADER, TOKEN_BYTES, no_report, reported, token_hash
 from app.core.commit import BreakerChange, Commit, Next, SagaState, apply, started
 from app.core.decide import (
     Attempt,
+    Await,
     BeginCompensation,
     Call,
     Finish,
     GiveUp,
+    WaitEnd,
+    accepts,
     begin_compensation,
     cut_off,
     decide,
+    end_wait,
     finish,
     give_up,
+    keep_waiting,
     next_action,
     wait,
+    wait_over,
 )
 from app.core.definition import DefinitionSpec
 from app.core.outcome import CallFailure, CallResult, Outcome, classify
@@ -79,6 +87,7 @@ class Host(Protocol):
     services: ServiceCache
     failpoints: Failpoints
     lease_seconds: float
+    callback_url: str  # where participants report: this + the token
 
     async def send(
         self,
@@ -117,10 +126,25 @@ class Driver:
     async def drive(self, run: SagaRun) -> None:
         """Work on the saga until it needs nothing from this worker now."""
         abandoned = cut_off(run.spec, run.state)
-        if abandoned is not None:
+        if abandoned is not None and not await self._reported_meanwhile(run, abandoned):
             await self.commit(run, abandoned)
         while await self.advance(run):
             pass
+
+    async def _reported_meanwhile(self, run: SagaRun, abandoned: Commit) -> bool:
+        """A callback attempt cut off by a crash: its wait is closed, unless its report
+        came first; then the report is the attempt's outcome (True), not the cut-off."""
+        step = abandoned.step
+        assert step is not None
+        if run.spec.steps[step.index].callback is None or step.status is not StepStatus.RUNNING:
+            return False
+        number = run.state.steps[step.index].attempts
+        token = await self.host.repo.close_callback(run.lease, step.index, number)
+        if token is None or token.report is None:
+            return False
+        attempt = Attempt(Call(step.index, Direction.ACTION), number, reported(token.report), 0.0)
+        await self._decide_and_apply(run, attempt)
+        return True
 
     async def advance(self, run: SagaRun) -> bool:
         """Do the next thing; True while there is more to do at once."""
@@ -137,6 +161,8 @@ class Driver:
             commit = begin_compensation(run.state, action)
         elif isinstance(action, GiveUp):
             commit = give_up(run.spec, run.state, action, run.db_now)
+        elif isinstance(action, Await):
+            return await self.await_report(run, action)
         else:
             return await self.call(run, action)
         return await self.commit(run, commit) is Next.CONTINUE
@@ -197,9 +223,18 @@ class Driver:
         assert call_spec is not None
         name = call_spec.service
         view = await self.host.services.get(name) if name else None
+        # A callback step's attempt gets its own token; only its hash is stored.
+        token = secrets.token_urlsafe(TOKEN_BYTES) if forward and step_spec.callback else None
         for _ in range(GUARD_ROUNDS):
             start = StartAttempt(
-                action.index, action.direction, step_spec.name, pivot=forward and step_spec.pivot
+                action.index,
+                action.direction,
+                step_spec.name,
+                pivot=forward and step_spec.pivot,
+                callback_hash=token_hash(token) if token else None,
+                callback_timeout=step_spec.callback.timeout_seconds
+                if token and step_spec.callback
+                else None,
             )
             breaker: Breaker | None = None
             if view is not None:
@@ -224,7 +259,7 @@ class Driver:
                 raise LeaseLost
             run.db_now = outcome.db_now
             if not isinstance(outcome, Refused):
-                return await self._attempt(run, action, outcome.attempt, view, breaker)
+                return await self._attempt(run, action, outcome.attempt, view, breaker, token)
             if outcome.reason is Refusal.CANCELLED_FIRST:
                 run.state = replace(run.state, cancel_requested=True)  # the next plan unwinds
                 return True
@@ -262,6 +297,7 @@ class Driver:
         number: int,
         view: ServiceView | None,
         breaker: Breaker | None,
+        token: str | None = None,
     ) -> bool:
         """The attempt is recorded as started: make the call, then commit its outcome."""
         run.state = started(run.state, action.index, action.direction, number)
@@ -292,6 +328,8 @@ class Driver:
             result = CallResult(failure=CallFailure.TEMPLATE, message=str(exc))
         if request is not None:
             request.headers["X-Saga-Attempt"] = str(number)
+            if token is not None:
+                request.headers[CALLBACK_URL_HEADER] = self.host.callback_url + token
             # A process paused for half a lease since the start committed must not send:
             # another may own the saga by now.
             send_by = committed_at + self.host.lease_seconds / 2
@@ -303,6 +341,13 @@ class Driver:
         # A participant may echo a secret (its API key) in an error body: never stored.
         result = replace(result, message=known_secrets.redact(result.message))
         counted = view is not None and result.failure is not CallFailure.TEMPLATE
+        accepted = accepts(step_spec, action.direction, result)
+        if token is not None and not accepted:
+            # The call did not leave the step waiting: its token is closed, unless the
+            # participant reported first; then its report is the outcome.
+            state = await self.host.repo.close_callback(run.lease, action.index, number)
+            if state is not None and state.report is not None:
+                result = reported(state.report)
         attempt = Attempt(
             call=action,
             number=number,
@@ -311,31 +356,89 @@ class Driver:
             service=call_spec.service,
             breaker=breaker if counted else None,
             breaker_config=view.spec.circuit_breaker if view else None,
-            request=request.redacted(set(view.spec.headers) if view else set())
+            request=request.redacted(
+                (set(view.spec.headers) if view else set()) | {CALLBACK_URL_HEADER}
+            )
             if request
             else None,
+            accepted=accepted,
         )
-        policy = step_spec.retry if forward else step_spec.compensation_retry
-        outcome = classify(result, policy.retry_on_status)
+        commit = await self._decide_and_apply(run, attempt)
+        self._observed(run, attempt, commit, call_spec.service)
+        failpoints.hit("after_commit")
+        if accepted:
+            failpoints.hit("while_waiting")
+            # A report taken while this worker still held the saga could not make it due.
+            if await self.host.repo.wake_if_reported(run.lease, action.index, number):
+                self.host.wake_at(0.0)
+        return commit.saga.next is Next.CONTINUE
+
+    async def _decide_and_apply(self, run: SagaRun, attempt: Attempt) -> Commit:
         commit = decide(run.spec, run.state, attempt, run.db_now)
-        self.host.observed(
-            run,
-            step_spec.name,
-            action.direction,
-            number,
-            result,
-            outcome,
-            commit,
-            duration_ms,
-            call_spec.service,
-        )
         if not await self._apply(run, commit):
-            # The completion yielded to a cancel accepted during the call: decide again
-            # knowing of it (the step's success is kept; the saga unwinds next).
+            # The completion yielded to a cancel accepted during the call (or the wait):
+            # decide again knowing of it (the step's success is kept; the saga unwinds).
             commit = decide(run.spec, run.state, attempt, run.db_now)
             if not await self._apply(run, commit):
                 raise AssertionError("a decision that knows of the cancel cannot yield to it")
-        failpoints.hit("after_commit")
+        return commit
+
+    def _observed(
+        self, run: SagaRun, attempt: Attempt, commit: Commit, service: str | None
+    ) -> None:
+        step_spec = run.spec.steps[attempt.call.index]
+        forward = attempt.call.direction is Direction.ACTION
+        policy = step_spec.retry if forward else step_spec.compensation_retry
+        self.host.observed(
+            run,
+            step_spec.name,
+            attempt.call.direction,
+            attempt.number,
+            attempt.result,
+            classify(attempt.result, policy.retry_on_status),
+            commit,
+            attempt.duration_ms,
+            service,
+        )
+
+    # --- a step waiting for its callback ----------------------------------------------
+
+    async def await_report(self, run: SagaRun, action: Await) -> bool:
+        """Look at the waiting step's token: decide on its report; or, once the wait is
+        over (timeout, cancel, deadline), close it (unless a report wins that race) and
+        decide on that; else keep waiting until it is over."""
+        index = action.index
+        number = run.state.steps[index].attempts
+        step_spec = run.spec.steps[index]
+        assert step_spec.callback is not None, "only a callback step waits"
+        repo = self.host.repo
+        token = await repo.callback(run.lease, index, number)
+        if token is None:
+            raise LookupError(f"step {step_spec.name} waits with no token for attempt {number}")
+        run.db_now = token.db_now
+        if token.report is None and not token.closed:
+            if wait_over(run.spec, run.state, token.due_at, token.db_now) is None:
+                commit = keep_waiting(run.spec, run.state, token.due_at, token.db_now)
+                return await self.commit(run, commit) is Next.CONTINUE
+            token = await repo.close_callback(run.lease, index, number)
+            if token is None:
+                raise LeaseLost
+            run.db_now = token.db_now
+        if token.report is not None:
+            result = reported(token.report)
+        else:
+            why = wait_over(run.spec, run.state, token.due_at, token.db_now)
+            if why in (WaitEnd.CANCELLED, WaitEnd.DEADLINE):
+                assert why is not None
+                return (
+                    await self.commit(run, end_wait(run.spec, run.state, index, why))
+                    is Next.CONTINUE
+                )
+            result = no_report(step_spec.callback.timeout_seconds)
+        waited_ms = max(0.0, (token.db_now - token.started_at).total_seconds() * 1000)
+        attempt = Attempt(Call(index, Direction.ACTION), number, result, waited_ms)
+        commit = await self._decide_and_apply(run, attempt)
+        self._observed(run, attempt, commit, step_spec.action.service)
         return commit.saga.next is Next.CONTINUE
 
 

@@ -19,6 +19,7 @@ POINTS = frozenset(
         "after_send_before_commit",
         "after_commit",
         "mid_compensation",
+        "while_waiting",  # a callback step's wait was just committed
     }
 )
 

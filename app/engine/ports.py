@@ -70,6 +70,10 @@ class StartAttempt:
     passage: Passage | None = None
     breaker: Breaker | None = None  # as the gate saw it
     breaker_after: Breaker | None = None  # for a probe that opens the half-open round
+    # A callback step's action: its token's hash, stored with the start, and how long the
+    # attempt may wait for the report.
+    callback_hash: str | None = None
+    callback_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,18 @@ class CancelFirst:
 
 
 @dataclass(frozen=True, slots=True)
+class CallbackState:
+    """A callback attempt's token as stored: the report taken (None: none), whether the
+    wait was closed without one, and when the wait is due to end."""
+
+    report: dict[str, Any] | None
+    closed: bool
+    due_at: datetime
+    started_at: datetime
+    db_now: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Park:
     """Where a saga that keeps failing the executor is parked: the step it was on."""
 
@@ -140,6 +156,18 @@ class SagaRepository(Protocol):
         ...
 
     async def renew(self, lease: Lease) -> bool: ...
+
+    async def callback(self, lease: Lease, index: int, attempt: int) -> CallbackState | None:
+        """The token of a callback attempt (None: the attempt has none)."""
+        ...
+
+    async def close_callback(self, lease: Lease, index: int, attempt: int) -> CallbackState | None:
+        """End the attempt's wait unless a report came first; the token as it is then."""
+        ...
+
+    async def wake_if_reported(self, lease: Lease, index: int, attempt: int) -> bool:
+        """After the commit that made the step wait: due now if its report is already in."""
+        ...
 
     async def release(self, lease: Lease, after_seconds: float) -> None: ...
 

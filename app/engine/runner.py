@@ -51,6 +51,8 @@ class EngineConfig:
     shutdown_grace_seconds: float = 20.0
     failpoint: str | None = None
     retention_seconds: float | None = None  # None: finished sagas are kept forever
+    # Where callback steps' participants report (SAGA_PUBLIC_URL + /v1/callbacks/).
+    callback_url: str = "http://127.0.0.1:8000/v1/callbacks/"
 
 
 class Executor:
@@ -72,6 +74,7 @@ class Executor:
         self.config = config
         self.worker_id = worker_id
         self.lease_seconds = config.lease_seconds
+        self.callback_url = config.callback_url
         self.metrics = metrics or Metrics()
         self.tracing = tracing or Tracing()
         self.failpoints = Failpoints(config.failpoint)

@@ -105,6 +105,11 @@ START_CALL = text(
         FROM saga
        WHERE st.saga_id = saga.id AND st.idx = :idx
       RETURNING CASE WHEN :forward THEN st.attempts ELSE st.compensation_attempts END AS attempt
+    ), token AS (
+      INSERT INTO callback_tokens (token_hash, saga_id, step_idx, attempt, due_at)
+      SELECT :token_hash, :id, :idx, attempt,
+             clock_timestamp() + make_interval(secs => :callback_timeout)
+        FROM step WHERE CAST(:token_hash AS text) IS NOT NULL
     ), event AS (
       INSERT INTO saga_events (saga_id, type, step, direction, attempt, outcome, worker)
       SELECT :id, 'attempt_started', :step, :direction, attempt, 'started', :worker FROM step
@@ -116,6 +121,10 @@ START_CALL = text(
            now() AS db_now
     """
 )
+
+# A callback step's attempt also stores its token's hash and due time (`token`): the
+# token exists before the call is sent, so a report that beats the call's answer is
+# taken, not refused.
 
 # A call without a service (an absolute URL): no breaker, no bulkhead.
 START_PLAIN = text(
@@ -142,6 +151,11 @@ START_PLAIN = text(
         FROM saga
        WHERE st.saga_id = saga.id AND st.idx = :idx
       RETURNING CASE WHEN :forward THEN st.attempts ELSE st.compensation_attempts END AS attempt
+    ), token AS (
+      INSERT INTO callback_tokens (token_hash, saga_id, step_idx, attempt, due_at)
+      SELECT :token_hash, :id, :idx, attempt,
+             clock_timestamp() + make_interval(secs => :callback_timeout)
+        FROM step WHERE CAST(:token_hash AS text) IS NOT NULL
     ), event AS (
       INSERT INTO saga_events (saga_id, type, step, direction, attempt, outcome, worker)
       SELECT :id, 'attempt_started', :step, :direction, attempt, 'started', :worker FROM step
@@ -204,6 +218,11 @@ START_HELD = text(
         FROM saga
        WHERE st.saga_id = saga.id AND st.idx = :idx
       RETURNING CASE WHEN :forward THEN st.attempts ELSE st.compensation_attempts END AS attempt
+    ), token AS (
+      INSERT INTO callback_tokens (token_hash, saga_id, step_idx, attempt, due_at)
+      SELECT :token_hash, :id, :idx, attempt,
+             clock_timestamp() + make_interval(secs => :callback_timeout)
+        FROM step WHERE CAST(:token_hash AS text) IS NOT NULL
     )
     INSERT INTO saga_events (saga_id, type, step, direction, attempt, outcome, worker)
     SELECT :id, 'attempt_started', :step, :direction, attempt, 'started', :worker FROM step
@@ -393,5 +412,49 @@ COMMIT = text(
            EXISTS (SELECT 1 FROM breaker) AS breaker_written,
            (SELECT count(*) FROM note) AS notified
       FROM saga
+    """
+)
+
+
+# --- callback steps -------------------------------------------------------------------
+
+CALLBACK_STATE = text(
+    """
+    SELECT report, closed_at IS NOT NULL AS closed, due_at, created_at, now() AS db_now
+      FROM callback_tokens WHERE saga_id = :id AND step_idx = :idx AND attempt = :attempt
+    """
+)
+
+# End a wait without a report (timeout, cancel, deadline, a cut-off attempt): only while
+# neither a report nor a close is recorded; a report that came first wins (then nothing
+# is written here and CALLBACK_STATE shows it).
+CLOSE_CALLBACK = text(
+    """
+    UPDATE callback_tokens SET closed_at = now()
+     WHERE saga_id = :id AND step_idx = :idx AND attempt = :attempt
+       AND report IS NULL AND closed_at IS NULL
+       AND EXISTS (SELECT 1 FROM sagas
+                    WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch)
+    RETURNING due_at, created_at, now() AS db_now
+    """
+)
+
+# After the commit that makes a step wait: a report taken before it (while this worker
+# still held the saga, so the report could not make it due) makes it due now.
+WAKE_IF_REPORTED = text(
+    """
+    UPDATE sagas SET due_at = now()
+     WHERE id = :id AND lease_owner IS NULL AND due_at IS NOT NULL
+       AND EXISTS (SELECT 1 FROM callback_tokens
+                    WHERE saga_id = :id AND step_idx = :idx AND attempt = :attempt
+                      AND report IS NOT NULL)
+    RETURNING id
+    """
+)
+
+CLOSE_CALLBACKS = text(
+    """
+    UPDATE callback_tokens SET closed_at = now()
+     WHERE saga_id = :id AND report IS NULL AND closed_at IS NULL
     """
 )

@@ -34,6 +34,7 @@ from app.core.states import (
 from app.core.views import Pruned
 from app.engine.ports import (
     Applied,
+    CallbackState,
     CancelFirst,
     Claimed,
     Lease,
@@ -70,6 +71,9 @@ _WHY_NOT_WRITTEN = sql.psycopg_form(sql.WHY_NOT_WRITTEN)
 _RENEW = sql.psycopg_form(sql.RENEW)
 _START_CALL = sql.psycopg_form(sql.START_CALL)
 _START_PLAIN = sql.psycopg_form(sql.START_PLAIN)
+_CALLBACK_STATE = sql.psycopg_form(sql.CALLBACK_STATE)
+_CLOSE_CALLBACK = sql.psycopg_form(sql.CLOSE_CALLBACK)
+_WAKE_IF_REPORTED = sql.psycopg_form(sql.WAKE_IF_REPORTED)
 
 
 # What "the database cannot be reached now" looks like through either driver.
@@ -238,6 +242,39 @@ class PgSagaRepository:
             row: Any = await cur.fetchone()
         return bool(row and row[0])
 
+    # --- callback steps ---------------------------------------------------------------
+
+    async def callback(self, lease: Lease, index: int, attempt: int) -> CallbackState | None:
+        pool = await self._hot()
+        async with pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
+            await cur.execute(
+                _CALLBACK_STATE, {"id": lease.saga_id, "idx": index, "attempt": attempt}
+            )
+            row: Any = await cur.fetchone()
+        if row is None:
+            return None
+        return CallbackState(row.report, row.closed, row.due_at, row.created_at, row.db_now)
+
+    async def close_callback(self, lease: Lease, index: int, attempt: int) -> CallbackState | None:
+        params = {**self._fence(lease), "idx": index, "attempt": attempt}
+        pool = await self._hot()
+        async with pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
+            await cur.execute(_CLOSE_CALLBACK, params)
+            row: Any = await cur.fetchone()
+        if row is not None:
+            return CallbackState(None, True, row.due_at, row.created_at, row.db_now)
+        # Nothing closed: a report came first, it was closed before, or the lease is gone
+        # (then the next owner decides; what is stored says which).
+        return await self.callback(lease, index, attempt)
+
+    async def wake_if_reported(self, lease: Lease, index: int, attempt: int) -> bool:
+        pool = await self._hot()
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                _WAKE_IF_REPORTED, {"id": lease.saga_id, "idx": index, "attempt": attempt}
+            )
+            return await cur.fetchone() is not None
+
     # --- starting an attempt ----------------------------------------------------------
 
     async def start_attempt(self, lease: Lease, start: StartAttempt) -> Started | Refused | None:
@@ -251,6 +288,8 @@ class PgSagaRepository:
             "step": start.step_name,
             "direction": start.direction.value,
             "pivot": start.pivot,
+            "token_hash": start.callback_hash,
+            "callback_timeout": start.callback_timeout,
         }
         if start.service is not None and start.passage is Passage.PROBE:
             async with self._admissions:
@@ -434,6 +473,8 @@ class PgSagaRepository:
                     "message": f"{message} {crashes} times in a row; parked for an operator",
                 }
                 await conn.execute(sql.PARK, {"id": lease.saga_id, "error": _json(error)})
+                # A parked saga takes no report: its waits are closed.
+                await conn.execute(sql.CLOSE_CALLBACKS, {"id": lease.saga_id})
                 await conn.execute(
                     sql.INSERT_DEAD_LETTER,
                     {

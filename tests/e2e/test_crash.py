@@ -38,7 +38,7 @@ from tests.support.crash import (
     wait_all_terminal,
     wait_for_calls,
 )
-from tests.support.servers import Reply, serve
+from tests.support.servers import Participant, Reply, serve
 
 pytestmark = pytest.mark.slow
 
@@ -369,3 +369,85 @@ async def test_sigterm_drains_then_another_process_finishes(
     else:
         # The in-flight calls finished and were recorded: none was made twice.
         assert all(n == 1 for n in b_calls.values()), b_calls
+
+
+# --- callback steps -----------------------------------------------------------------------
+
+
+async def test_kill_while_waiting_for_callbacks_then_report_to_a_new_process(
+    launcher: Launcher, participant: TrackingParticipant
+) -> None:
+    """A worker is killed with SIGKILL right after a callback step's wait was committed,
+    with other sagas waiting and some calls in flight, and the API process with it; every
+    report then goes to a new `serve` process, and no wait and no report is lost: each
+    saga completes with its report, each action ran once per attempt under one key, and
+    a wait committed before the kill is never called again."""
+    waits = Participant()
+    waits.always("/pay", Reply(202, {"accepted": True}))
+    async with serve(waits.app) as base:
+        api = await launcher.start_ready("api", "api")
+        async with client_for(api) as client:
+            r = await client.put("/v1/services/pay", json={"base_url": base})
+            assert r.status_code in (200, 201), r.text
+            pay = {"service": "pay", "path": "/pay", "body": {"saga": "${saga.id}"}}
+            ship = {"service": "pay", "path": "/ship", "body": "${steps.pay.response}"}
+            r = await client.post(
+                "/v1/definitions",
+                json={
+                    "name": "async_pay",
+                    "steps": [
+                        {"name": "pay", "action": pay, "callback": {"timeout_seconds": 300}},
+                        {"name": "ship", "action": ship},
+                    ],
+                },
+            )
+            assert r.status_code in (200, 201), r.text
+            ids = []
+            for n in range(8):
+                r = await client.post(
+                    "/v1/sagas", json={"definition": "async_pay", "input": {"n": n}}
+                )
+                assert r.status_code == 201, r.text
+                ids.append(r.json()["id"])
+        doomed = launcher.start(
+            "worker", "doomed", SAGA_FAILPOINT="while_waiting:4", SAGA_WORKER_CONCURRENCY=8
+        )
+        assert await doomed.wait_exit(60) == -signal.SIGKILL, doomed.output()
+        api.kill()
+        assert "failpoint while_waiting: killing process" in doomed.output()
+        calls_at_kill = {c.headers["x-saga-id"] for c in waits.to("/pay")}
+
+        fresh = await launcher.start_ready("serve", "fresh")
+        async with client_for(fresh) as client:
+
+            async def all_waiting() -> bool:
+                for saga_id in ids:
+                    saga = (await client.get(f"/v1/sagas/{saga_id}")).json()
+                    if saga["steps"][0]["status"] != "waiting":
+                        return False
+                return True
+
+            deadline = time.monotonic() + 60
+            while not await all_waiting():
+                assert time.monotonic() < deadline, "not every saga came to wait"
+                await asyncio.sleep(0.2)
+            for saga_id in ids:
+                latest = [c for c in waits.to("/pay") if c.headers["x-saga-id"] == saga_id][-1]
+                token = latest.headers["x-saga-callback-url"].rsplit("/", 1)[1]
+                r = await client.post(
+                    f"/v1/callbacks/{token}",
+                    json={"status": "succeeded", "response": {"paid": saga_id}},
+                )
+                assert r.status_code == 200, r.text
+            final = await wait_all_terminal(client, dict.fromkeys(ids, "async_pay"), 60)
+    for saga_id in ids:
+        assert final[saga_id]["status"] == "completed", final[saga_id]
+        pays = [c for c in waits.to("/pay") if c.headers["x-saga-id"] == saga_id]
+        assert {c.headers["idempotency-key"] for c in pays} == {f"{saga_id}:pay:action"}
+        assert len(pays) <= 2, pays  # at most the attempt a crash cut off, then one more
+        assert [c.body for c in waits.to("/ship") if c.headers["x-saga-id"] == saga_id] == [
+            {"paid": saga_id}
+        ]
+    # At least the four waits committed before the kill were never called again.
+    once = [s for s in ids if sum(c.headers["x-saga-id"] == s for c in waits.to("/pay")) == 1]
+    assert len(once) >= 4 and calls_at_kill, (once, calls_at_kill)

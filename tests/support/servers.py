@@ -78,6 +78,9 @@ class Participant:
         self.raw_bodies: dict[str, bytes] = {}  # path -> bytes sent as they are
         self.in_flight = 0
         self.max_in_flight = 0
+        # path -> coroutine run with the call before it is answered (a callback step's
+        # participant reporting before its own answer, say).
+        self.hooks: dict[str, Any] = {}
         self.app = Starlette(
             routes=[
                 Route(
@@ -116,6 +119,8 @@ class Participant:
         )
         queue = self.scripts.get(path)
         reply = queue.pop(0) if queue else self.defaults.get(path, Reply())
+        if path in self.hooks:
+            await self.hooks[path](self.calls[-1])
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
