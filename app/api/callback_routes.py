@@ -70,6 +70,12 @@ EXAMPLE = {
 async def report_callback(
     token: Token, ctx: Ctx, report: Annotated[CallbackReport, REPORT_BODY]
 ) -> CallbackAnswer:
+    """Report the outcome of a callback step's attempt, to the URL its call carried in
+    `X-Saga-Callback-URL`. The first report is taken; the same report again answers 200
+    (resend it after a lost answer); a different one, or any report once the attempt's
+    wait is over (its timeout passed: the retry carries a new URL; or the saga was
+    cancelled or passed its deadline), answers 409. A report may come before the
+    participant's own `202` answer."""
     taken = await ctx.callbacks.report(token, report)
     assert taken.saga_id is not None and taken.step is not None
     return CallbackAnswer(saga_id=taken.saga_id, step=taken.step, status=report.status)

@@ -292,6 +292,7 @@ OPERATION_IDS = {
     "get_plan": "getDefinitionPlan",
     "get_version_plan": "getDefinitionVersionPlan",
     "saga_events": "listSagaEvents",
+    "report_callback": "reportCallback",
     "audit_log": "listAuditEntries",
     "reset_circuit": "resetCircuit",
     "dashboard_json": "getDashboard",
@@ -372,6 +373,8 @@ def document(app: FastAPI) -> None:
                         parameter["schema"] = _not_null(parameter["schema"])
                     if path.startswith("/v1/admin/"):
                         operation.setdefault("security", [{"bearer": []}])
+                    elif path.startswith("/v1/callbacks/"):
+                        operation.setdefault("security", [])  # the path's token is the credential
                     elif path.startswith("/v1/"):
                         operation.setdefault("security", [{}, {"bearer": []}])
                     for response in operation.get("responses", {}).values():

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, GetJsonSchemaHandler, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from app.core.definition import Document
 from app.core.outcome import CallFailure, CallResult
@@ -22,8 +24,25 @@ TOKEN_BYTES = 32  # 256 random bits (the contract asks for at least 128)
 MAX_ERROR_LENGTH = 4096
 
 
+class SucceededReport(Document):
+    """The call's work is done: the step completes with `response`."""
+
+    status: Literal["succeeded"]
+    response: Any = Field(default=None, description="The step's response (any JSON).")
+
+
+class FailedReport(Document):
+    """The call's work failed for good: a final failure of kind `callback_failed`."""
+
+    status: Literal["failed"]
+    error: str = Field(min_length=1, max_length=4096, examples=["card declined"])
+
+
 class CallbackReport(Document):
-    """`POST /v1/callbacks/{token}` body: the outcome of the accepted call."""
+    """`POST /v1/callbacks/{token}` body: the outcome of the accepted call.
+
+    One model validates both shapes; the document shows them as `oneOf`.
+    """
 
     status: Literal["succeeded", "failed"] = Field(
         description="`succeeded`: the step completes with `response`; `failed`: a final "
@@ -39,6 +58,13 @@ class CallbackReport(Document):
         description="With `failed`: what went wrong, in words.",
         examples=["card declined"],
     )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        shapes = [handler(m.__pydantic_core_schema__) for m in (SucceededReport, FailedReport)]
+        return {"title": "CallbackReport", "description": cls.__doc__, "oneOf": shapes}
 
     @model_validator(mode="after")
     def _shape(self) -> CallbackReport:

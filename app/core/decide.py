@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from enum import StrEnum
+from datetime import datetime
 from typing import Any
 
 from app.core.breaker import Breaker, after_call, counts_as_failure
-from app.core.callbacks import ACCEPTED
 from app.core.commit import (
     BreakerChange,
     Commit,
@@ -103,14 +101,6 @@ class Await:
 
 
 Action = Call | GiveUp | BeginCompensation | Finish | Await | None
-
-
-class WaitEnd(StrEnum):
-    """Why a callback wait ends without a report."""
-
-    TIMEOUT = "timeout"  # the attempt is a timeout with an unknown outcome (retried)
-    CANCELLED = "cancelled"  # the saga unwinds, the waiting step included
-    DEADLINE = "deadline"
 
 
 def pivot_passed(spec: DefinitionSpec, saga: SagaState) -> bool:
@@ -342,17 +332,7 @@ class Attempt:
     breaker: Breaker | None = None  # its breaker as last seen, when its breaker applies
     breaker_config: CircuitBreakerConfig | None = None
     request: dict[str, Any] | None = None  # as a dead letter keeps it (secrets masked)
-    accepted: bool = False  # a callback step's participant answered 202: it will report
-
-
-def accepts(step_spec: StepSpec, direction: Direction, result: CallResult) -> bool:
-    """Whether a direct answer accepts the call for a later report (callback steps only)."""
-    return (
-        step_spec.callback is not None
-        and direction is Direction.ACTION
-        and result.failure is None
-        and result.status_code == ACCEPTED
-    )
+    accepted: bool = False  # a callback step's participant answered 202 (see `waits`)
 
 
 def decide(
@@ -370,9 +350,7 @@ def decide(
     forward = call.direction is Direction.ACTION
     policy = step_spec.retry if forward else step_spec.compensation_retry
     outcome = classify(attempt.result, policy.retry_on_status)
-    breaker = _breaker_change(attempt, outcome, now)
-    if attempt.accepted:
-        return _accepted(spec, saga, attempt, now, breaker)
+    breaker = breaker_change(attempt, outcome, now)
     transition = after_attempt(
         spec, saga, call, attempt.number, outcome, attempt.result.retry_after, draw
     )
@@ -398,7 +376,7 @@ def decide(
     )
 
 
-def _breaker_change(attempt: Attempt, outcome: Outcome, now: datetime) -> BreakerChange | None:
+def breaker_change(attempt: Attempt, outcome: Outcome, now: datetime) -> BreakerChange | None:
     """What the call does to its service's breaker (None: nothing, or no breaker)."""
     if attempt.breaker is None or attempt.breaker_config is None or not attempt.service:
         return None
@@ -406,128 +384,6 @@ def _breaker_change(attempt: Attempt, outcome: Outcome, now: datetime) -> Breake
     return (
         BreakerChange(attempt.service, attempt.breaker, after) if after != attempt.breaker else None
     )
-
-
-def _accepted(
-    spec: DefinitionSpec,
-    saga: SagaState,
-    attempt: Attempt,
-    now: datetime,
-    breaker: BreakerChange | None,
-) -> Commit:
-    """A callback step's participant accepted the call: the step waits, holding no worker
-    and no bulkhead slot, until the report or its timeout (no later than the deadline
-    while the saga can unwind, so that the deadline is noticed on time)."""
-    call = attempt.call
-    step_spec = spec.steps[call.index]
-    assert step_spec.callback is not None
-    left = step_spec.callback.timeout_seconds - attempt.duration_ms / 1000
-    until = now + timedelta(seconds=max(0.0, left))
-    if saga.deadline_at is not None and _unwindable(spec, saga):
-        until = min(until, saga.deadline_at)
-    event = Event(
-        EventType.ATTEMPT_FINISHED,
-        step=step_spec.name,
-        direction=call.direction,
-        attempt=attempt.number,
-        outcome=AttemptOutcome.ACCEPTED,
-        status_code=attempt.result.status_code,
-        duration_ms=attempt.duration_ms,
-    )
-    step = StepWrite(
-        index=call.index,
-        status=StepStatus.WAITING,
-        maybe_applied=True,
-        finished=False,
-        set_result=True,
-        status_code=attempt.result.status_code,
-        response=attempt.result.body,
-    )
-    write = SagaWrite(
-        saga.status,
-        Next.LATER,
-        delay_seconds=max(0.0, (until - now).total_seconds()),
-        # The pivot's outcome is still open while it waits: a cancel stays refused.
-        pivot=PivotLock.LOCK if step_spec.pivot else PivotLock.KEEP,
-    )
-    return Commit(write, step, (event,), breaker=breaker, release_slot=True)
-
-
-def _unwindable(spec: DefinitionSpec, saga: SagaState) -> bool:
-    """A cancel or the deadline can still unwind the saga."""
-    return saga.status is SagaStatus.RUNNING and not pivot_passed(spec, saga)
-
-
-def wait_over(
-    spec: DefinitionSpec, saga: SagaState, due_at: datetime, now: datetime
-) -> WaitEnd | None:
-    """Whether a callback wait without a report ends now, and why."""
-    unwindable = _unwindable(spec, saga)
-    if unwindable and saga.cancel_requested:
-        return WaitEnd.CANCELLED
-    if unwindable and saga.deadline_at is not None and now >= saga.deadline_at:
-        return WaitEnd.DEADLINE
-    if now >= due_at:
-        return WaitEnd.TIMEOUT
-    return None
-
-
-def keep_waiting(spec: DefinitionSpec, saga: SagaState, due_at: datetime, now: datetime) -> Commit:
-    """Looked at before its wait is over (no report, no cancel): due again at the wait's
-    end, or at the deadline if that comes first."""
-    until = due_at
-    if saga.deadline_at is not None and _unwindable(spec, saga):
-        until = min(until, saga.deadline_at)
-    delay = max(0.0, (until - now).total_seconds())
-    return Commit(SagaWrite(saga.status, Next.LATER, delay_seconds=delay), crashes_reset=False)
-
-
-def end_wait(spec: DefinitionSpec, saga: SagaState, index: int, why: WaitEnd) -> Commit:
-    """A cancel or the deadline ends a callback wait: the step fails with an unknown
-    outcome (its token is closed: a late report is refused) and the saga unwinds, the
-    waiting step's compensation included."""
-    assert why is not WaitEnd.TIMEOUT, "a timeout is an attempt's outcome: decide() it"
-    step_spec = spec.steps[index]
-    state = saga.steps[index]
-    if why is WaitEnd.CANCELLED:
-        kind, message = ErrorKind.CANCELLED, "cancelled while waiting for its callback report"
-        error = SagaError(None, ErrorKind.CANCELLED, "cancelled on request")
-    else:
-        kind, message = ErrorKind.DEADLINE, "the saga's timeout_seconds passed while waiting"
-        error = SagaError(step_spec.name, ErrorKind.DEADLINE, "the saga's timeout_seconds passed")
-    step = StepWrite(
-        index=index,
-        status=StepStatus.FAILED,
-        maybe_applied=True,
-        finished=True,
-        last_error=StepError(
-            kind, f"{message}; outcome unknown", None, state.attempts, Direction.ACTION
-        ),
-    )
-    events = (
-        Event(
-            EventType.ATTEMPT_FINISHED,
-            step=step_spec.name,
-            direction=Direction.ACTION,
-            attempt=state.attempts,
-            outcome=AttemptOutcome.FAILED,
-            error_kind=kind,
-            message=f"{message}; outcome unknown",
-        ),
-        Event(
-            EventType.COMPENSATION_STARTED,
-            step=error.step,
-            error_kind=error.kind,
-            message=error.message,
-        ),
-    )
-    write = SagaWrite(
-        SagaStatus.COMPENSATING,
-        Next.CONTINUE,
-        error=error,
-        pivot=PivotLock.UNLOCK if step_spec.pivot else PivotLock.KEEP,
-    )
-    return Commit(write, step, events)
 
 
 def give_up(spec: DefinitionSpec, saga: SagaState, action: GiveUp, now: datetime) -> Commit:

@@ -26,24 +26,20 @@ from app.core.decide import (
     Call,
     Finish,
     GiveUp,
-    WaitEnd,
-    accepts,
     begin_compensation,
     cut_off,
     decide,
-    end_wait,
     finish,
     give_up,
-    keep_waiting,
     next_action,
     wait,
-    wait_over,
 )
 from app.core.definition import DefinitionSpec
 from app.core.outcome import CallFailure, CallResult, Outcome, classify
 from app.core.requests import HttpRequest, build_request
 from app.core.states import Direction, SagaStatus, StepStatus, WaitReason
 from app.core.templates import RenderContext, TemplateError
+from app.core.waits import WaitEnd, accepted, accepts, end_wait, keep_waiting, wait_over
 from app.engine.failpoints import Failpoints
 from app.engine.ports import (
     Applied,
@@ -374,6 +370,11 @@ class Driver:
         return commit.saga.next is Next.CONTINUE
 
     async def _decide_and_apply(self, run: SagaRun, attempt: Attempt) -> Commit:
+        if attempt.accepted:  # the step waits for its report: nothing to yield to yet
+            commit = accepted(run.spec, run.state, attempt, run.db_now)
+            if not await self._apply(run, commit):
+                raise AssertionError("a wait does not complete the saga")
+            return commit
         commit = decide(run.spec, run.state, attempt, run.db_now)
         if not await self._apply(run, commit):
             # The completion yielded to a cancel accepted during the call (or the wait):

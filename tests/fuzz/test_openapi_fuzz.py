@@ -283,7 +283,7 @@ async def test_openapi_fuzz(db_url: str, tmp_path: Path, figures: Record, fuzz_s
     assert violations == 0 and not counts["failed_checks"], tail
     assert not report["errors"], tail
     assert rc == 0, tail
-    assert report["operations"]["tested"] == operations == 24, report["operations"]
+    assert report["operations"]["tested"] == operations == 25, report["operations"]
     # Positive cases reached real data, not only 404s and 422s.
     assert {
         "POST /v1/sagas",

@@ -146,4 +146,4 @@ async def test_schema_valid_requests_are_accepted(db_url: str, tmp_path: Path) -
     assert not report["failures"], tail
     assert not report["errors"], tail
     assert rc == 0, tail
-    assert report["operations"]["tested"] == 24, report["operations"]
+    assert report["operations"]["tested"] == 25, report["operations"]
