@@ -286,6 +286,11 @@ class StepOut(BaseModel):
     last_error: StepError | None
     started_at: datetime | None
     finished_at: datetime | None
+    callback_due_at: datetime | None = Field(
+        default=None,
+        description="[1.1] A `waiting` callback step: when its attempt's wait ends without "
+        "a report (a timeout, retried with a new callback URL); null otherwise.",
+    )
 
 
 class SagaOut(BaseModel):

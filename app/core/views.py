@@ -48,6 +48,7 @@ class StepView:
     finished_at: datetime | None
     maybe_applied: bool = False
     in_flight: bool = False
+    callback_due_at: datetime | None = None  # a waiting callback step: when its wait ends
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,8 +82,12 @@ SELECT s.id, s.definition_name, s.definition_version, s.status, s.input::text AS
        s.cancel_requested, s.error::text AS error, s.business_key, s.labels::text AS labels,
        st.name AS step_name, st.status AS step_status, st.attempts, st.compensation_attempts,
        st.status_code, st.response::text AS response, st.last_error::text AS last_error,
-       st.started_at, st.finished_at AS step_finished_at, now() AS db_now
+       st.started_at, st.finished_at AS step_finished_at, ct.due_at AS callback_due_at,
+       now() AS db_now
   FROM sagas AS s JOIN saga_steps AS st ON st.saga_id = s.id
+  LEFT JOIN callback_tokens AS ct
+    ON st.status = 'waiting' AND ct.saga_id = st.saga_id AND ct.step_idx = st.idx
+   AND ct.attempt = st.attempts
  WHERE s.id = %(id)s
  ORDER BY st.idx
 """
@@ -240,6 +244,7 @@ class SagaDocuments:
                     "last_error": _raw(r.last_error),
                     "started_at": r.started_at,
                     "finished_at": r.step_finished_at,
+                    "callback_due_at": r.callback_due_at,
                 }
                 for r in rows
             ],

@@ -21,7 +21,7 @@ from app.core.views import (
     StepSummary,
     StepView,
 )
-from app.store.tables import IdempotencyKey, Saga, SagaEvent, SagaStep
+from app.store.tables import CallbackToken, IdempotencyKey, Saga, SagaEvent, SagaStep
 
 SAGA_WORK_CHANNEL = "saga_work"
 SAGA_DONE_CHANNEL = "saga_done"
@@ -40,6 +40,7 @@ def _step_view(row: Any) -> StepView:
         finished_at=row.finished_at,
         maybe_applied=row.maybe_applied,
         in_flight=row.in_flight,
+        callback_due_at=row.callback_due_at,
     )
 
 
@@ -187,9 +188,20 @@ class SagaStore:
             row = (await conn.execute(select(Saga).where(Saga.id == saga_id))).first()
             if row is None:
                 return None
+            due = (
+                select(CallbackToken.due_at)
+                .where(
+                    SagaStep.status == StepStatus.WAITING,
+                    CallbackToken.saga_id == SagaStep.saga_id,
+                    CallbackToken.step_idx == SagaStep.idx,
+                    CallbackToken.attempt == SagaStep.attempts,
+                )
+                .scalar_subquery()
+                .label("callback_due_at")
+            )
             steps = (
                 await conn.execute(
-                    select(SagaStep).where(SagaStep.saga_id == saga_id).order_by(SagaStep.idx)
+                    select(SagaStep, due).where(SagaStep.saga_id == saga_id).order_by(SagaStep.idx)
                 )
             ).all()
         return _saga_view(row, [_step_view(s) for s in steps])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -74,6 +75,8 @@ async def test_accepted_call_waits_then_a_report_completes_the_step(
     saga = await start(orchestrator, "pay", {"amount": 5})
     charge = await waiting(orchestrator, saga["id"])
     assert charge["attempts"] == 1 and charge["status_code"] == 202
+    due = datetime.fromisoformat(charge["callback_due_at"])
+    assert 25 < (due - datetime.now(UTC)).total_seconds() <= 30  # the step's timeout
     (call,) = participant.to("/charge")
     assert call.headers["idempotency-key"] == f"{saga['id']}:charge:action"
     token = token_of(call)
@@ -88,6 +91,7 @@ async def test_accepted_call_waits_then_a_report_completes_the_step(
     assert done["status"] == "completed", done
     charge = step_of(done, "charge")
     assert charge["status"] == "succeeded" and charge["response"] == {"charge_id": "c-9"}
+    assert charge["callback_due_at"] is None
     assert charge["attempts"] == 1
     (ship,) = participant.to("/ship")
     assert ship.body == {"charge": "c-9"}
