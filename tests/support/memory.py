@@ -21,6 +21,7 @@ from app.core.definition import DefinitionSpec, ServiceSpec
 from app.core.states import CircuitState, Direction, EventType, SagaStatus, StepStatus
 from app.engine.ports import (
     Applied,
+    CallbackState,
     CancelFirst,
     Claimed,
     Lease,
@@ -64,6 +65,17 @@ class Row:
 
 
 @dataclass
+class Token:
+    """A callback attempt's token row (callback_tokens)."""
+
+    hash: str
+    due_at: datetime
+    created_at: datetime
+    report: dict[str, Any] | None = None
+    closed: bool = False
+
+
+@dataclass
 class Slot:
     saga: uuid.UUID | None = None
     epoch: int | None = None
@@ -84,6 +96,7 @@ class MemoryRepository:
         self.breakers: dict[str, Breaker] = {}
         self.slots: dict[tuple[str, str], list[Slot]] = {}
         self.dead_letters: list[tuple[uuid.UUID, str, Direction]] = []
+        self.tokens: dict[tuple[uuid.UUID, int, int], Token] = {}
 
     def for_worker(self, worker: str) -> MemoryRepository:
         """A view of the same data as another worker sees it (its own lease owner)."""
@@ -225,7 +238,49 @@ class MemoryRepository:
         )
         row.lease_until = row.due_at = now + self.lease
         row.events.append((EventType.ATTEMPT_STARTED, start.step_name, number))
+        if start.callback_hash is not None:
+            assert start.callback_timeout is not None
+            due = now + timedelta(seconds=start.callback_timeout)
+            self.tokens[(row.id, start.index, number)] = Token(start.callback_hash, due, now)
         return Started(number, now)
+
+    def report(self, token_hash: str, report: dict[str, Any]) -> str:
+        """The report route's transaction: taken / repeated / different / closed / unknown."""
+        for (saga_id, _index, _attempt), token in self.tokens.items():
+            if token.hash != token_hash:
+                continue
+            if token.report is None and not token.closed:
+                token.report = report
+                row = self.rows[saga_id]
+                if row.owner is None and row.due_at is not None:
+                    row.due_at = self.clock.now
+                return "taken"
+            if token.report == report:
+                return "repeated"
+            return "different" if token.report is not None else "closed"
+        return "unknown"
+
+    async def callback(self, lease: Lease, index: int, attempt: int) -> CallbackState | None:
+        token = self.tokens.get((lease.saga_id, index, attempt))
+        if token is None:
+            return None
+        return CallbackState(
+            token.report, token.closed, token.due_at, token.created_at, self.clock.now
+        )
+
+    async def close_callback(self, lease: Lease, index: int, attempt: int) -> CallbackState | None:
+        token = self.tokens.get((lease.saga_id, index, attempt))
+        if token is not None and self._mine(lease) and token.report is None:
+            token.closed = True
+        return await self.callback(lease, index, attempt)
+
+    async def wake_if_reported(self, lease: Lease, index: int, attempt: int) -> bool:
+        token = self.tokens.get((lease.saga_id, index, attempt))
+        row = self.rows[lease.saga_id]
+        if token is not None and token.report is not None and row.owner is None:
+            row.due_at = self.clock.now
+            return True
+        return False
 
     async def commit(
         self, lease: Lease, commit: Commit, was: SagaStatus

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -94,8 +95,9 @@ class World:
         )
         self.executor = Executor(self.repo, self.script, EngineConfig(lease_seconds=10), "w1")
 
-    async def settle(self, rounds: int = 200) -> None:
-        """Claim and drive until nothing is due; time jumps to the next due saga."""
+    async def settle(self, rounds: int = 200, strict: bool = True) -> None:
+        """Claim and drive until nothing is due; time jumps to the next due saga (with
+        `strict=False`, just `rounds` rounds: a wait is always due again)."""
         for _ in range(rounds):
             claimed = await self.repo.claim(10)
             if not claimed:
@@ -107,7 +109,8 @@ class World:
             for one in claimed:
                 spec = await self.repo.definition(one.definition_id)
                 await self.executor.driver.drive(SagaRun(one, spec, one.state, one.db_now))
-        raise AssertionError("the sagas did not settle")
+        if strict:
+            raise AssertionError("the sagas did not settle")
 
     def state(self, saga_id: uuid.UUID) -> SagaState:
         return self.repo.rows[saga_id].state
@@ -351,3 +354,65 @@ async def test_a_lost_lease_stops_the_worker_without_writing() -> None:
         await w.executor.driver.drive(SagaRun(claimed, spec, claimed.state, claimed.db_now))
     assert w.state(saga).steps[0].attempts == 0, "the fenced-out worker wrote nothing"
     assert w.script.calls == []
+
+
+# --- callback steps -------------------------------------------------------------------------
+
+ACCEPTED = CallResult(status_code=202, body={"accepted": True})
+
+
+def _token(w: World, call: int = -1) -> str:
+    from app.core.callbacks import token_hash
+
+    url = [h for p, h in w.script.calls if p == "/pay"][call]["X-Saga-Callback-URL"]
+    return token_hash(url.rsplit("/", 1)[1])
+
+
+async def test_an_accepted_call_waits_holding_nothing_until_its_report() -> None:
+    w = World(max_concurrency=1)
+    w.script.answer("/pay", ACCEPTED)
+    spec = definition(step("pay", callback={"timeout_seconds": 60}), step("ship"))
+    saga = w.repo.start(spec)
+    await w.settle(rounds=1, strict=False)
+    assert w.statuses(saga) == [T.WAITING, T.PENDING]
+    row = w.repo.rows[saga]
+    assert row.owner is None and w.repo.live_slots("svc") == 0  # no worker, no slot
+    assert row.due_at is not None
+    assert abs((row.due_at - (w.clock.now + timedelta(seconds=60))).total_seconds()) < 1
+    assert w.repo.report(_token(w), {"status": "succeeded", "response": {"id": 7}}) == "taken"
+    assert w.repo.report(_token(w), {"status": "succeeded", "response": {"id": 7}}) == "repeated"
+    await w.settle()
+    assert w.state(saga).status is S.COMPLETED
+    assert w.state(saga).steps[0].response == {"id": 7}
+    assert w.script.paths() == ["/pay", "/ship"]
+    assert w.repo.report(_token(w), {"status": "failed", "error": "x"}) == "different"
+
+
+async def test_a_wait_without_a_report_times_out_and_retries_with_a_new_token() -> None:
+    w = World()
+    w.script.answer("/pay", ACCEPTED, ACCEPTED)
+    saga = w.repo.start(definition(step("pay", callback={"timeout_seconds": 5})))
+    await w.settle(rounds=7, strict=False)  # a wait times out; the retry waits
+    assert w.state(saga).steps[0].attempts == 2
+    first, second = _token(w, 0), _token(w, 1)
+    assert first != second
+    assert w.repo.report(first, {"status": "succeeded", "response": None}) == "closed"
+    assert w.repo.report(second, {"status": "failed", "error": "declined"}) == "taken"
+    await w.settle()
+    assert w.state(saga).status is S.COMPENSATED
+    assert w.script.paths() == ["/pay", "/pay", "/pay/undo"]
+    assert w.repo.rows[saga].error is not None
+    assert w.repo.rows[saga].error["kind"] == ErrorKind.CALLBACK_FAILED.value
+
+
+async def test_a_cancel_ends_a_wait_and_unwinds_the_waiting_step() -> None:
+    w = World()
+    w.script.answer("/pay", ACCEPTED)
+    saga = w.repo.start(definition(step("hold"), step("pay", callback={"timeout_seconds": 600})))
+    await w.settle(rounds=1, strict=False)
+    assert w.statuses(saga) == [T.SUCCEEDED, T.WAITING]
+    assert w.repo.cancel(saga)
+    await w.settle()
+    assert w.state(saga).status is S.COMPENSATED
+    assert w.script.paths()[-2:] == ["/pay/undo", "/hold/undo"]
+    assert w.repo.report(_token(w), {"status": "succeeded", "response": 1}) == "closed"
