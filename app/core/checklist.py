@@ -71,6 +71,8 @@ def timeouts_defined(
     found = []
     for step in spec.steps:
         timeout = attempt_timeout(step.timeout_seconds, _service(step.action.service, services))
+        if step.callback is not None:  # an attempt may wait this long for its report
+            timeout = max(timeout, step.callback.timeout_seconds)
         total = timeout * step.retry.max_attempts
         if total > deadline:
             found.append(
@@ -81,7 +83,8 @@ def timeouts_defined(
                     f"{step.retry.max_attempts} attempts of {_seconds(timeout)} each take up to "
                     f"{_seconds(total)}, more than the saga's timeout_seconds "
                     f"({_seconds(deadline)}): lower this step's timeout_seconds or "
-                    "retry.max_attempts, or raise the saga's timeout_seconds",
+                    "retry.max_attempts (or its callback.timeout_seconds), or raise the "
+                    "saga's timeout_seconds",
                 )
             )
     return found

@@ -59,6 +59,12 @@ def test_timeouts_times_attempts_must_fit_the_deadline() -> None:
     assert "15 s" in fault.message and "timeout_seconds" in fault.message
 
 
+def test_a_callback_steps_wait_counts_as_its_attempts_timeout() -> None:
+    spec = definition(step("a", callback={"timeout_seconds": 60}), timeout_seconds=120)
+    (fault,) = faults(spec, Rule.TIMEOUTS_DEFINED)  # 3 waits of up to 60 s
+    assert fault.step == "a" and "180 s" in fault.message and "callback" in fault.message
+
+
 def test_the_service_timeout_counts_when_the_step_has_none() -> None:
     doc = step("a")
     del doc["timeout_seconds"]
