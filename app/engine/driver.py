@@ -63,6 +63,19 @@ class LeaseLost(Exception):
 
 
 @dataclass
+class Prestarted:
+    """The next attempt, started in the commit of the previous outcome (one transaction
+    for both): what the call needs once the next plan confirms it."""
+
+    action: Call
+    start: StartAttempt
+    view: ServiceView | None
+    breaker: Breaker | None
+    token: str | None
+    attempt: int | None = None  # set when the commit started it
+
+
+@dataclass
 class SagaRun:
     """One claimed saga, as its executor holds it between commits."""
 
@@ -70,6 +83,7 @@ class SagaRun:
     spec: DefinitionSpec
     state: SagaState
     db_now: datetime
+    prestarted: Prestarted | None = None
 
     @property
     def lease(self) -> Lease:
@@ -145,6 +159,15 @@ class Driver:
     async def advance(self, run: SagaRun) -> bool:
         """Do the next thing; True while there is more to do at once."""
         action = next_action(run.spec, run.state, run.db_now)
+        pre = run.prestarted
+        if pre is not None and pre.attempt is not None and action != pre.action:
+            # Not expected (the commit checked what the plan checks), but never leave an
+            # attempt recorded as in flight that is not made: close it as cut off.
+            run.prestarted = None
+            run.state = started(run.state, pre.action.index, pre.action.direction, pre.attempt)
+            abandoned = cut_off(run.spec, run.state)
+            assert abandoned is not None
+            return await self.commit(run, abandoned) is Next.CONTINUE
         if action is None:
             # Nothing to do (a terminal saga, or one whose work an operator finished): it
             # is not due any more, so no executor claims it again.
@@ -168,11 +191,14 @@ class Driver:
         back as CONTINUE (the next plan unwinds)."""
         return commit.saga.next if await self._apply(run, commit) else Next.CONTINUE
 
-    async def _apply(self, run: SagaRun, commit: Commit) -> bool:
+    async def _apply(self, run: SagaRun, commit: Commit, then: Prestarted | None = None) -> bool:
         """True when the commit landed; False when it yielded to a cancel (then the state
-        knows of the cancel and nothing was written)."""
+        knows of the cancel and nothing was written). With `then`, the next attempt may
+        start in the same statement (`run.prestarted`)."""
         was = run.state.status
-        result = await self.host.repo.commit(run.lease, commit, was)
+        result = await self.host.repo.commit(
+            run.lease, commit, was, then.start if then is not None else None
+        )
         if result is None:
             raise LeaseLost
         run.db_now = result.db_now
@@ -180,6 +206,9 @@ class Driver:
             run.state = replace(run.state, cancel_requested=True)
             return False
         run.state = replace(apply(run.state, commit), cancel_requested=result.cancel_requested)
+        if then is not None and result.next_attempt is not None:
+            then.attempt = result.next_attempt
+            run.prestarted = then
         if commit.saga.status.terminal and commit.saga.status is not was:
             self.host.finished(run, commit.saga.status)
         if commit.breaker is not None:
@@ -213,6 +242,9 @@ class Driver:
 
     async def call(self, run: SagaRun, action: Call) -> bool:
         """Start the attempt through the service's gate, then make it."""
+        pre, run.prestarted = run.prestarted, None
+        if pre is not None and pre.attempt is not None and pre.action == action:
+            return await self._attempt(run, action, pre.attempt, pre.view, pre.breaker, pre.token)
         step_spec = run.spec.steps[action.index]
         forward = action.direction is Direction.ACTION
         call_spec = step_spec.action if forward else step_spec.compensation
@@ -369,6 +401,46 @@ class Driver:
                 self.host.wake_at(0.0)
         return commit.saga.next is Next.CONTINUE
 
+    def _next_start(self, run: SagaRun, commit: Commit) -> Prestarted | None:
+        """The attempt that follows `commit` at once, when it can start in the same
+        statement: another step's call, not the pivot, and for a service one whose
+        breaker this process last saw closed (the statement checks it is still so)."""
+        if commit.saga.next is not Next.CONTINUE or commit.saga.status.terminal:
+            return None
+        follow = next_action(run.spec, apply(run.state, commit), run.db_now)
+        if not isinstance(follow, Call) or (commit.step and commit.step.index == follow.index):
+            return None
+        step_spec = run.spec.steps[follow.index]
+        forward = follow.direction is Direction.ACTION
+        call_spec = step_spec.action if forward else step_spec.compensation
+        if call_spec is None or (forward and step_spec.pivot):
+            return None
+        view, breaker = None, None
+        if call_spec.service is not None:
+            view = self.host.services.peek(call_spec.service)
+            if view is None:
+                return None
+            decision = gate(view.spec.circuit_breaker, view.breaker, run.db_now)
+            if decision.passage is not Passage.CALL:
+                return None
+            breaker = decision.breaker
+        token = secrets.token_urlsafe(TOKEN_BYTES) if forward and step_spec.callback else None
+        start = StartAttempt(
+            follow.index,
+            follow.direction,
+            step_spec.name,
+            service=view.name if view else None,
+            version=view.version if view else None,
+            passage=Passage.CALL if view else None,
+            breaker=view.breaker if view else None,
+            breaker_after=breaker,
+            callback_hash=token_hash(token) if token else None,
+            callback_timeout=step_spec.callback.timeout_seconds
+            if token and step_spec.callback
+            else None,
+        )
+        return Prestarted(follow, start, view, breaker, token)
+
     async def _decide_and_apply(self, run: SagaRun, attempt: Attempt) -> Commit:
         if attempt.accepted:  # the step waits for its report: nothing to yield to yet
             commit = accepted(run.spec, run.state, attempt, run.db_now)
@@ -376,7 +448,7 @@ class Driver:
                 raise AssertionError("a wait does not complete the saga")
             return commit
         commit = decide(run.spec, run.state, attempt, run.db_now)
-        if not await self._apply(run, commit):
+        if not await self._apply(run, commit, self._next_start(run, commit)):
             # The completion yielded to a cancel accepted during the call (or the wait):
             # decide again knowing of it (the step's success is kept; the saga unwinds).
             commit = decide(run.spec, run.state, attempt, run.db_now)

@@ -103,6 +103,7 @@ class Applied:
     db_now: datetime
     cancel_requested: bool
     breaker_conflict: bool = False  # its breaker change lost a race: decide it again
+    next_attempt: int | None = None  # the attempt `then` started with it (None: not started)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +147,11 @@ class SagaRepository(Protocol):
     ) -> Started | Refused | None: ...
 
     async def commit(
-        self, lease: Lease, commit: Commit, was: SagaStatus
+        self, lease: Lease, commit: Commit, was: SagaStatus, then: StartAttempt | None = None
     ) -> Applied | CancelFirst | None:
-        """Apply `commit` to a saga held in status `was` (the status it was decided on)."""
+        """Apply `commit` to a saga held in status `was` (the status it was decided on);
+        with `then` (a plain call, or a service call through a closed breaker), start
+        that attempt in the same transaction if its guards hold (`Applied.next_attempt`)."""
         ...
 
     async def apply_breaker(self, change: BreakerChange) -> Breaker | None:

@@ -30,6 +30,11 @@ class ServiceCache:
             return entry[0]
         return await self.refresh(name)
 
+    def peek(self, name: str) -> ServiceView | None:
+        """The copy held now, if any (no read)."""
+        entry = self._views.get(name)
+        return entry[0] if entry is not None else None
+
     async def refresh(self, name: str) -> ServiceView | None:
         return self.put(name, await self.repo.service(name))
 

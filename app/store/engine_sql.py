@@ -335,7 +335,9 @@ PRUNE_KEYS = text(
 # fenced and in the status the decision was made on, and only if that landed the step,
 # the events (a JSON array, in order), the dead letter, the slot release, the breaker
 # change (compare-and-set; reported) and the completion notification. A completion that
-# must yield to a cancel that can still unwind writes nothing.
+# must yield to a cancel that can still unwind writes nothing. When the decision goes
+# straight on to another step's attempt, that attempt's start is part of it too (`next_*`,
+# the same guards as START_CALL / START_PLAIN): a step then costs one transaction.
 COMMIT = text(
     """
     WITH saga AS (
@@ -361,7 +363,8 @@ COMMIT = text(
              crashes = CASE WHEN :crashes_reset THEN 0 ELSE crashes END
        WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch AND status = :was
          AND NOT (:unless_cancelled AND cancel_requested AND NOT pivot_locked)
-      RETURNING id, definition_name, cancel_requested, now() AS db_now
+      RETURNING id, definition_name, cancel_requested, pivot_locked, deadline_at,
+                now() AS db_now
     ), step AS (
       UPDATE saga_steps AS st
          SET status = :s_status,
@@ -376,14 +379,66 @@ COMMIT = text(
              finished_at = CASE WHEN :s_finished THEN now() ELSE st.finished_at END
         FROM saga
        WHERE :has_step AND st.saga_id = saga.id AND st.idx = :s_idx
+    ), go_next AS (
+      -- The next attempt starts in this commit too, when the decision goes straight on
+      -- and nothing stands in its way: no cancel that can unwind, the deadline not
+      -- passed, and for a service the version and closed breaker the gate saw, and a
+      -- free bulkhead slot (not one this saga is giving back).
+      SELECT saga.id FROM saga
+       WHERE :has_next AND :keep
+         AND NOT (saga.cancel_requested AND NOT saga.pivot_locked)
+         AND (saga.deadline_at IS NULL OR now() < saga.deadline_at)
+    ), next_current AS (
+      SELECT 1 FROM services AS s JOIN circuit_breakers AS cb ON cb.service = s.name
+       WHERE s.name = :n_service AND s.version = :n_version AND cb.state = 'closed'
+         AND EXISTS (SELECT 1 FROM go_next)
+    ), next_slot AS (
+      UPDATE service_slots AS sl
+         SET saga_id = :id, epoch = :epoch,
+             held_until = clock_timestamp() + make_interval(secs => :lease)
+       WHERE (sl.service, sl.kind, sl.slot) = (
+               SELECT service, kind, slot FROM service_slots
+                WHERE service = :n_service AND kind = 'call'
+                  AND (held_until IS NULL OR held_until < clock_timestamp())
+                  AND saga_id IS DISTINCT FROM :id
+                  AND EXISTS (SELECT 1 FROM next_current)
+                LIMIT 1 FOR UPDATE SKIP LOCKED)
+      RETURNING sl.slot
+    ), next_step AS (
+      UPDATE saga_steps AS st
+         SET status = :n_status,
+             attempts = st.attempts + CASE WHEN :n_forward THEN 1 ELSE 0 END,
+             compensation_attempts = st.compensation_attempts
+                                     + CASE WHEN :n_forward THEN 0 ELSE 1 END,
+             in_flight = true,
+             started_at = coalesce(st.started_at, now())
+        FROM go_next
+       WHERE st.saga_id = go_next.id AND st.idx = :n_idx
+         AND (CAST(:n_service AS text) IS NULL OR EXISTS (SELECT 1 FROM next_slot))
+      RETURNING CASE WHEN :n_forward THEN st.attempts ELSE st.compensation_attempts END AS attempt
+    ), next_token AS (
+      INSERT INTO callback_tokens (token_hash, saga_id, step_idx, attempt, due_at)
+      SELECT :n_token_hash, :id, :n_idx, attempt,
+             clock_timestamp() + make_interval(secs => :n_callback_timeout)
+        FROM next_step WHERE CAST(:n_token_hash AS text) IS NOT NULL
     ), events AS (
       INSERT INTO saga_events (saga_id, type, step, direction, attempt, outcome, status_code,
                                error_kind, message, duration_ms, worker)
-      SELECT saga.id, e.doc->>'type', e.doc->>'step', e.doc->>'direction',
-             CAST(e.doc->>'attempt' AS integer), e.doc->>'outcome',
-             CAST(e.doc->>'status_code' AS integer), e.doc->>'error_kind', e.doc->>'message',
-             CAST(e.doc->>'duration_ms' AS double precision), :worker
-        FROM saga, jsonb_array_elements(CAST(:events AS jsonb)) WITH ORDINALITY AS e(doc, n)
+      SELECT saga.id, e.type, e.step, e.direction, e.attempt, e.outcome, e.status_code,
+             e.error_kind, e.message, e.duration_ms, :worker
+        FROM saga, (
+          SELECT e.n, e.doc->>'type' AS type, e.doc->>'step' AS step,
+                 e.doc->>'direction' AS direction,
+                 CAST(e.doc->>'attempt' AS integer) AS attempt, e.doc->>'outcome' AS outcome,
+                 CAST(e.doc->>'status_code' AS integer) AS status_code,
+                 e.doc->>'error_kind' AS error_kind, e.doc->>'message' AS message,
+                 CAST(e.doc->>'duration_ms' AS double precision) AS duration_ms
+            FROM jsonb_array_elements(CAST(:events AS jsonb)) WITH ORDINALITY AS e(doc, n)
+          UNION ALL  -- the next attempt's start comes last in the history
+          SELECT 1000000, 'attempt_started', :n_step, :n_direction, attempt, 'started', NULL,
+                 NULL, NULL, NULL
+            FROM next_step
+        ) AS e
        ORDER BY e.n
     ), letter AS (
       INSERT INTO dead_letters (id, saga_id, definition_name, step_idx, step_name, direction,
@@ -410,7 +465,8 @@ COMMIT = text(
     )
     SELECT saga.cancel_requested, saga.db_now,
            EXISTS (SELECT 1 FROM breaker) AS breaker_written,
-           (SELECT count(*) FROM note) AS notified
+           (SELECT count(*) FROM note) AS notified,
+           (SELECT attempt FROM next_step) AS next_attempt
       FROM saga
     """
 )

@@ -144,6 +144,22 @@ def _breaker_params(change: BreakerChange | None) -> dict[str, Any]:
     }
 
 
+def _next_params(then: StartAttempt | None) -> dict[str, Any]:
+    forward = then is None or then.direction is Direction.ACTION
+    return {
+        "has_next": then is not None,
+        "n_idx": then.index if then else 0,
+        "n_status": (StepStatus.RUNNING if forward else StepStatus.COMPENSATING).value,
+        "n_forward": forward,
+        "n_step": then.step_name if then else None,
+        "n_direction": then.direction.value if then else None,
+        "n_service": then.service if then else None,
+        "n_version": then.version if then else None,
+        "n_token_hash": then.callback_hash if then else None,
+        "n_callback_timeout": then.callback_timeout if then else None,
+    }
+
+
 class PgSagaRepository:
     """Every statement the executor runs, for one worker."""
 
@@ -365,9 +381,10 @@ class PgSagaRepository:
     # --- committing outcomes ----------------------------------------------------------
 
     async def commit(
-        self, lease: Lease, commit: Commit, was: SagaStatus
+        self, lease: Lease, commit: Commit, was: SagaStatus, then: StartAttempt | None = None
     ) -> Applied | CancelFirst | None:
-        """Apply `commit` to a saga this worker holds in status `was`: one statement."""
+        """Apply `commit` to a saga this worker holds in status `was`, and start `then`
+        with it when its guards hold: one statement."""
         write = commit.saga
         params = {
             **self._fence(lease),
@@ -393,6 +410,7 @@ class PgSagaRepository:
             **_step_params(commit),
             **_letter_params(commit),
             **_breaker_params(commit.breaker),
+            **_next_params(then),
         }
         pool = await self._hot()
         async with pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
@@ -405,7 +423,7 @@ class PgSagaRepository:
                     return CancelFirst(why.db_now)
                 return None
         conflict = commit.breaker is not None and not row.breaker_written
-        return Applied(row.db_now, bool(row.cancel_requested), conflict)
+        return Applied(row.db_now, bool(row.cancel_requested), conflict, row.next_attempt)
 
     async def _write_breaker(self, conn: AsyncConnection, change: BreakerChange) -> bool:
         before, after = change.before, change.after

@@ -283,7 +283,7 @@ class MemoryRepository:
         return False
 
     async def commit(
-        self, lease: Lease, commit: Commit, was: SagaStatus
+        self, lease: Lease, commit: Commit, was: SagaStatus, then: StartAttempt | None = None
     ) -> Applied | CancelFirst | None:
         now = self.clock.now
         row = self._mine(lease)
@@ -334,7 +334,13 @@ class MemoryRepository:
         conflict = False
         if commit.breaker is not None:
             conflict = await self.apply_breaker(commit.breaker) is not None
-        return Applied(now, row.state.cancel_requested, conflict)
+        next_attempt = None
+        unwinding = row.state.cancel_requested and not row.state.pivot_locked
+        past = row.deadline_at is not None and now >= row.deadline_at
+        if then is not None and write.next is Next.CONTINUE and not unwinding and not past:
+            started = await self.start_attempt(lease, then)
+            next_attempt = started.attempt if isinstance(started, Started) else None
+        return Applied(now, row.state.cancel_requested, conflict, next_attempt)
 
     def _release(self, saga_id: uuid.UUID) -> None:
         for slots in self.slots.values():
