@@ -101,18 +101,18 @@ def _require(request: Request, access: Access) -> str | None:
     return result
 
 
-def require_api(request: Request) -> str | None:
+async def require_api(request: Request) -> str | None:
     """When SAGA_API_TOKEN is set, /v1/ needs it (or the admin token)."""
     return _require(request, Access.API)
 
 
-def require_registrar(request: Request) -> str:
+async def require_registrar(request: Request) -> str:
     """Registering needs the admin token when SAGA_API_TOKEN is set. Returns the actor
     for the audit log: the token's id, or `anonymous` on an open API."""
     return _require(request, Access.REGISTER) or ANONYMOUS
 
 
-def require_admin(request: Request) -> str:
+async def require_admin(request: Request) -> str:
     """/v1/admin/* always needs the admin token. Returns its id for the audit log."""
     result = _require(request, Access.ADMIN)
     assert result is not None

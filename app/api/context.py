@@ -30,7 +30,8 @@ class AppContext:
     login_limiter: LoginLimiter
 
 
-def get_ctx(request: Request) -> AppContext:
+async def get_ctx(request: Request) -> AppContext:
+    # async: a plain `def` dependency would run in a worker thread on every request.
     ctx: AppContext = request.app.state.ctx
     return ctx
 
