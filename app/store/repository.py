@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import psycopg
+from psycopg import AsyncRawCursor
 from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import text
@@ -66,14 +67,14 @@ def _breaker(row: Any) -> Breaker:
 
 # The hot statements, in psycopg's form, run on the repository's own psycopg pool in
 # autocommit: each is one round trip and one transaction.
-_COMMIT = sql.psycopg_form(sql.COMMIT)
-_WHY_NOT_WRITTEN = sql.psycopg_form(sql.WHY_NOT_WRITTEN)
-_RENEW = sql.psycopg_form(sql.RENEW)
-_START_CALL = sql.psycopg_form(sql.START_CALL)
-_START_PLAIN = sql.psycopg_form(sql.START_PLAIN)
-_CALLBACK_STATE = sql.psycopg_form(sql.CALLBACK_STATE)
-_CLOSE_CALLBACK = sql.psycopg_form(sql.CLOSE_CALLBACK)
-_WAKE_IF_REPORTED = sql.psycopg_form(sql.WAKE_IF_REPORTED)
+_COMMIT = sql.native_form(sql.COMMIT)
+_WHY_NOT_WRITTEN = sql.native_form(sql.WHY_NOT_WRITTEN)
+_RENEW = sql.native_form(sql.RENEW)
+_START_CALL = sql.native_form(sql.START_CALL)
+_START_PLAIN = sql.native_form(sql.START_PLAIN)
+_CALLBACK_STATE = sql.native_form(sql.CALLBACK_STATE)
+_CLOSE_CALLBACK = sql.native_form(sql.CLOSE_CALLBACK)
+_WAKE_IF_REPORTED = sql.native_form(sql.WAKE_IF_REPORTED)
 
 
 # What "the database cannot be reached now" looks like through either driver.
@@ -251,32 +252,34 @@ class PgSagaRepository:
             for r in rows
         ]
 
-    async def renew(self, lease: Lease) -> bool:
+    async def _one(self, statement: sql.Native, params: dict[str, Any]) -> Any:
+        """Run a hot statement (one autocommit round trip); its first row, or None."""
         pool = await self._hot()
-        async with pool.connection() as conn:
-            cur = await conn.execute(_RENEW, {**self._fence(lease), "lease": self.lease})
-            row: Any = await cur.fetchone()
-        return bool(row and row[0])
+        async with (
+            pool.connection() as conn,
+            AsyncRawCursor(conn, row_factory=namedtuple_row) as cur,
+        ):
+            await cur.execute(statement.text, statement.args(params))
+            return await cur.fetchone()
+
+    async def renew(self, lease: Lease) -> bool:
+        row = await self._one(_RENEW, {**self._fence(lease), "lease": self.lease})
+        return bool(row and row.n)
 
     # --- callback steps ---------------------------------------------------------------
 
     async def callback(self, lease: Lease, index: int, attempt: int) -> CallbackState | None:
-        pool = await self._hot()
-        async with pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
-            await cur.execute(
-                _CALLBACK_STATE, {"id": lease.saga_id, "idx": index, "attempt": attempt}
-            )
-            row: Any = await cur.fetchone()
+        row = await self._one(
+            _CALLBACK_STATE, {"id": lease.saga_id, "idx": index, "attempt": attempt}
+        )
         if row is None:
             return None
         return CallbackState(row.report, row.closed, row.due_at, row.created_at, row.db_now)
 
     async def close_callback(self, lease: Lease, index: int, attempt: int) -> CallbackState | None:
-        params = {**self._fence(lease), "idx": index, "attempt": attempt}
-        pool = await self._hot()
-        async with pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
-            await cur.execute(_CLOSE_CALLBACK, params)
-            row: Any = await cur.fetchone()
+        row = await self._one(
+            _CLOSE_CALLBACK, {**self._fence(lease), "idx": index, "attempt": attempt}
+        )
         if row is not None:
             return CallbackState(None, True, row.due_at, row.created_at, row.db_now)
         # Nothing closed: a report came first, it was closed before, or the lease is gone
@@ -284,12 +287,8 @@ class PgSagaRepository:
         return await self.callback(lease, index, attempt)
 
     async def wake_if_reported(self, lease: Lease, index: int, attempt: int) -> bool:
-        pool = await self._hot()
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                _WAKE_IF_REPORTED, {"id": lease.saga_id, "idx": index, "attempt": attempt}
-            )
-            return await cur.fetchone() is not None
+        params = {"id": lease.saga_id, "idx": index, "attempt": attempt}
+        return await self._one(_WAKE_IF_REPORTED, params) is not None
 
     # --- starting an attempt ----------------------------------------------------------
 
@@ -317,14 +316,8 @@ class PgSagaRepository:
         if start.service is not None:
             statement = _START_CALL
             params.update(service=start.service, version=start.version)
-        pool = await self._hot()
-        async with (
-            self._admissions,
-            pool.connection() as conn,
-            conn.cursor(row_factory=namedtuple_row) as cur,
-        ):
-            await cur.execute(statement, params)
-            row: Any = await cur.fetchone()
+        async with self._admissions:
+            row = await self._one(statement, params)
         assert row is not None  # the statement always answers one row
         if row.attempt is not None:
             return Started(int(row.attempt), row.db_now)
@@ -412,16 +405,12 @@ class PgSagaRepository:
             **_breaker_params(commit.breaker),
             **_next_params(then),
         }
-        pool = await self._hot()
-        async with pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
-            await cur.execute(_COMMIT, params)
-            row: Any = await cur.fetchone()
-            if row is None:
-                await cur.execute(_WHY_NOT_WRITTEN, self._fence(lease))
-                why: Any = await cur.fetchone()
-                if why is not None and why.ours and why.cancelled and write.unless_cancelled:
-                    return CancelFirst(why.db_now)
-                return None
+        row = await self._one(_COMMIT, params)
+        if row is None:
+            why = await self._one(_WHY_NOT_WRITTEN, self._fence(lease))
+            if why is not None and why.ours and why.cancelled and write.unless_cancelled:
+                return CancelFirst(why.db_now)
+            return None
         conflict = commit.breaker is not None and not row.breaker_written
         return Applied(row.db_now, bool(row.cancel_requested), conflict, row.next_attempt)
 
