@@ -195,6 +195,7 @@ class SagaDocuments:
                     "last_error": None,
                     "started_at": None,
                     "finished_at": None,
+                    "callback_due_at": None,
                 }
                 for s in spec.steps
             ],

@@ -118,7 +118,7 @@ def downgrade() -> None:
     op.execute(
         "UPDATE saga_steps SET status = 'running', in_flight = true WHERE status = 'waiting'"
     )
-    before = {
+    before: dict[str, Sequence[str]] = {
         "ck_saga_steps_step_status": [s for s in STEP_STATUSES if s != "waiting"],
         "ck_saga_events_attempt_outcome": [o for o in OUTCOMES if o != "accepted"],
         "ck_saga_events_event_type": [
