@@ -2,6 +2,7 @@
 
 Every write it sends is idempotent (PUT a service, POST a definition by content, POST
 a saga with an Idempotency-Key), so it retries connection errors and 503s safely.
+Participants of callback steps report with `report()` or a `CallbackReporter`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -18,6 +20,21 @@ from tenacity import (
     stop_after_delay,
     wait_random_exponential,
 )
+
+from app.core.callbacks import CALLBACK_URL_HEADER
+
+__all__ = [
+    "CALLBACK_URL_HEADER",
+    "TERMINAL",
+    "ApiError",
+    "CallbackReporter",
+    "SagaClient",
+    "Started",
+    "callback_due",
+    "report",
+    "report_body",
+    "waiting_steps",
+]
 
 TERMINAL = frozenset({"completed", "compensated", "failed"})
 
@@ -171,3 +188,105 @@ class SagaClient:
         response = await self._request("GET", f"/v1/sagas/{saga_id}/events")
         items: list[dict[str, Any]] = response.json()["items"]
         return items
+
+
+# --- callback steps: what a participant uses to report -----------------------------------
+
+
+def callback_due(saga: dict[str, Any], step: str) -> datetime | None:
+    """When the wait of `step` (a `waiting` callback step of `saga`, as `get_saga`
+    answers it) ends without a report; None when that step is not waiting."""
+    for s in saga.get("steps", []):
+        if s.get("name") == step and s.get("status") == "waiting" and s.get("callback_due_at"):
+            return datetime.fromisoformat(s["callback_due_at"])
+    return None
+
+
+def waiting_steps(saga: dict[str, Any]) -> list[str]:
+    """The names of the saga's steps that wait for their callback report."""
+    return [s["name"] for s in saga.get("steps", []) if s.get("status") == "waiting"]
+
+
+def report_body(status: str, response: Any = None, error: str | None = None) -> dict[str, Any]:
+    """The `POST /v1/callbacks/{token}` document: `succeeded` with a response (any JSON),
+    or `failed` with an error text."""
+    if status == "succeeded":
+        if error is not None:
+            raise ValueError("a succeeded report carries a response, not an error")
+        return {"status": "succeeded", "response": response}
+    if status == "failed":
+        if not error:
+            raise ValueError("a failed report needs an error: say what went wrong")
+        if response is not None:
+            raise ValueError("a failed report carries an error, not a response")
+        return {"status": "failed", "error": error}
+    raise ValueError(f"status is 'succeeded' or 'failed', not {status!r}")
+
+
+class CallbackReporter:
+    """Reports callback steps' outcomes, for participants: one pooled HTTP client for
+    every report; use as `async with CallbackReporter() as reporter: ...`.
+
+    A report needs no bearer token: the callback URL (from the action's
+    `X-Saga-Callback-URL` header) is the credential, so never log it. The same report
+    again is answered 200, so connection errors and 502/503/504 are retried for
+    `retry_for_seconds` (an orchestrator restarting loses no report).
+    """
+
+    def __init__(self, retry_for_seconds: float = 30.0, timeout: float = 10.0) -> None:
+        self._http = httpx.AsyncClient(timeout=timeout)
+        self._retry_for = retry_for_seconds
+
+    async def __aenter__(self) -> CallbackReporter:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def report(
+        self,
+        callback_url: str,
+        status: str,
+        response: Any = None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        """Report to the full `callback_url`; the answer `{"saga_id", "step", "status"}`.
+
+        `ApiError` 404: no attempt has this URL's token; 409: a different report was
+        taken for the attempt, or its wait is over (timed out: the retry carries a new
+        URL, report there; or the saga was cancelled or passed its deadline)."""
+        body = report_body(status, response, error)
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            wait=wait_random_exponential(multiplier=0.2, max=3),
+            stop=stop_after_delay(self._retry_for),
+            reraise=True,
+        ):
+            with attempt:
+                answer = await self._http.post(callback_url, json=body)
+                if answer.status_code >= 400:
+                    try:
+                        problem = answer.json()
+                    except ValueError:
+                        problem = {"detail": answer.text}
+                    raise ApiError(answer.status_code, problem)
+                result: dict[str, Any] = answer.json()
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def report(
+    callback_url: str,
+    status: str,
+    response: Any = None,
+    error: str | None = None,
+    *,
+    retry_for_seconds: float = 30.0,
+) -> dict[str, Any]:
+    """One report with a client of its own (see `CallbackReporter.report`; a participant
+    that reports often keeps one `CallbackReporter` instead)."""
+    async with CallbackReporter(retry_for_seconds) as reporter:
+        return await reporter.report(callback_url, status, response, error)

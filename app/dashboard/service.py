@@ -16,7 +16,7 @@ from app.api.schemas import (
     ServiceOut,
 )
 from app.core.commit import SagaState, StepState, Waiting
-from app.core.states import DeadLetterStatus, SagaStatus, WaitReason
+from app.core.states import DeadLetterStatus, SagaStatus, StepStatus, WaitReason
 from app.dashboard.views import (
     chart_bars,
     compensations_if_failed,
@@ -102,6 +102,14 @@ class Dashboard:
             view.definition, view.definition_version
         )
         last_error = next((s.last_error for s in view.steps if s.last_error), None)
+        callback = next(
+            (
+                (s.name, s.callback_due_at)
+                for s in view.steps
+                if s.status is StepStatus.WAITING and s.callback_due_at is not None
+            ),
+            None,
+        )
         bars = timeline(events, view.created_at, now)
         span = max([b.end for b in bars] + [0.001])
         return {
@@ -121,6 +129,7 @@ class Dashboard:
                 schedule.get("lease_expires_at"),
                 now,
                 last_error,
+                callback,
             ),
             "would_compensate": compensations_if_failed(
                 definition.spec,

@@ -23,21 +23,30 @@ class Bar:
     start: float  # seconds since the saga started
     end: float
     label: str  # hover text
+    wait: bool = False  # a callback step's wait for its report, after the 202
 
 
 def timeline(events: list[dict[str, Any]], started: datetime, now: datetime) -> list[Bar]:
-    """Pair each attempt_started with its attempt_finished; an unfinished one runs to now."""
+    """Pair each attempt_started with its attempt_finished; an unfinished one runs to now.
+    A callback step's accepted attempt (202) is followed by its wait, drawn up to the
+    attempt's final outcome (the report taken, or the wait's end), or to now."""
     open_attempts: dict[tuple[str, str, int], datetime] = {}
+    waits: dict[tuple[str, str, int], datetime] = {}
     bars: list[Bar] = []
     for e in events:
         key = (e.get("step") or "", e.get("direction") or "", e.get("attempt") or 0)
         if e["type"] == "attempt_started":
             open_attempts[key] = e["at"]
         elif e["type"] == "attempt_finished":
-            begin = open_attempts.pop(key, e["at"])
+            waited = key in waits
+            begin = waits.pop(key) if waited else open_attempts.pop(key, e["at"])
             detail = e.get("message") or ""
             code = e.get("status_code")
             label = f"{key[0]} {key[1]} #{key[2]}: {e.get('outcome')}"
+            if waited:
+                label = (
+                    f"{key[0]} {key[1]} #{key[2]}: waited for its callback, then {e.get('outcome')}"
+                )
             if code:
                 label += f" ({code})"
             if detail:
@@ -51,8 +60,24 @@ def timeline(events: list[dict[str, Any]], started: datetime, now: datetime) -> 
                     (begin - started).total_seconds(),
                     (e["at"] - started).total_seconds(),
                     label,
+                    wait=waited,
                 )
             )
+            if e.get("outcome") == "accepted":
+                waits[key] = e["at"]
+    for key, begin in waits.items():
+        bars.append(
+            Bar(
+                key[0],
+                key[1],
+                key[2],
+                "waiting",
+                (begin - started).total_seconds(),
+                (now - started).total_seconds(),
+                f"{key[0]} {key[1]} #{key[2]}: accepted (202), waiting for its callback report",
+                wait=True,
+            )
+        )
     for key, begin in open_attempts.items():
         bars.append(
             Bar(
@@ -121,12 +146,20 @@ def why_waiting(
     lease_expires_at: datetime | None,
     now: datetime,
     last_error: dict[str, Any] | None,
+    callback: tuple[str, datetime] | None = None,
 ) -> str | None:
-    """A sentence that says what a non-terminal saga is waiting for."""
+    """A sentence that says what a non-terminal saga is waiting for. `callback`: the
+    step that waits for its callback report, and when its wait ends."""
     if status.terminal:
         return None
     if lease_owner and lease_expires_at and lease_expires_at > now:
         return f"in progress: lease held by worker {lease_owner} until {lease_expires_at:%H:%M:%S}"
+    if callback is not None:
+        step, until = callback
+        return (
+            f"step '{step}' is waiting for its callback until {until:%H:%M:%S} "
+            "(its participant answered 202; no report yet)"
+        )
     if waiting is not None:
         service = waiting.service
         text = {

@@ -6,6 +6,12 @@
 Every compensation is keyed on `${saga.id}` (the order reference the action was sent
 with), so it works even when the action's answer was never seen. Timeouts and retry
 intervals are short, to suit a demo that runs in under a minute.
+
+`charge_payment` is a callback step: the payment provider confirms asynchronously, so
+payments answers `202` and reports the outcome (captured, or declined: the saga
+compensates) to the call's `X-Saga-Callback-URL` a moment later. Without a report within
+`CONFIRM_WITHIN` seconds, the attempt is a timeout and is retried with the same
+Idempotency-Key and a new callback URL.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 ORDER_REF = "${saga.id}"
+CONFIRM_WITHIN = 10  # seconds the charge waits for the provider's report, per attempt
 
 
 def _retry(attempts: int, initial: float = 0.2, maximum: float = 2.0) -> dict[str, Any]:
@@ -44,7 +51,8 @@ CHECKOUT: dict[str, Any] = {
                 "path": "/refunds",
                 "body": {"order_ref": ORDER_REF},
             },
-            "timeout_seconds": 3,
+            "timeout_seconds": 3,  # the call itself; the confirmation may take longer:
+            "callback": {"timeout_seconds": CONFIRM_WITHIN},
             "retry": _retry(5),
             "compensation_retry": _retry(10),
         },

@@ -112,6 +112,8 @@ class Participant:
         self.chaos = Chaos()
         self.replays = 0
         self._pool: AsyncConnectionPool[Connection] | None = None
+        # Run when the app stops, before the pool closes (background work, clients).
+        self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
         ident = sql.Identifier(schema)
         self._claim = sql.SQL(
             "INSERT INTO {}.idempotency (key, fingerprint) VALUES (%s, %s) "
@@ -153,6 +155,8 @@ class Participant:
                 self._pool = pool
                 yield
             finally:
+                for stop in self.on_shutdown:
+                    await stop()
                 self._pool = None
                 await pool.close()
 

@@ -10,7 +10,13 @@ then it breaks things on purpose and shows each saga ending where it should:
   (c) notifications is down: the order still completes, the receipt is dead-lettered;
   (d) inventory fails and slows down: its circuit opens, closes again, sagas complete;
   (e) the orchestrator is SIGKILLed with sagas in flight: restarted, it finishes them,
-      and every participant applied each effect exactly once.
+      and every participant applied each effect exactly once;
+  (f) the payment provider, which confirms charges asynchronously (charge_payment is a
+      callback step: payments answers 202, then reports), declines the card: the
+      failed report compensates the saga.
+
+In (a) a charge is seen waiting for its callback, and its history shows the 202, the
+report taken, and the step's success.
 
 Then it prints a report and keeps everything running until Ctrl-C (`--exit` stops at
 once; the exit status says whether every scenario passed).
@@ -64,13 +70,18 @@ class Timing:
     """How long things take; `--fast` shrinks them for the tests."""
 
     slow_call: float  # participant delay while the orchestrator gets killed (e)
+    confirm_delay: float  # the payment provider's confirmation, so (a) shows it waiting
     inventory_delay: float  # inventory's slowness while it fails (d)
     recovery_timeout: float  # inventory's circuit breaker (d)
     pause: float  # between scenarios, so that a person can follow along
 
 
-FAST = Timing(slow_call=0.5, inventory_delay=0.2, recovery_timeout=1.5, pause=0.0)
-NORMAL = Timing(slow_call=0.8, inventory_delay=0.3, recovery_timeout=3.0, pause=0.8)
+FAST = Timing(
+    slow_call=0.5, confirm_delay=0.5, inventory_delay=0.2, recovery_timeout=1.5, pause=0.0
+)
+NORMAL = Timing(
+    slow_call=0.8, confirm_delay=1.5, inventory_delay=0.3, recovery_timeout=3.0, pause=0.8
+)
 
 
 def say(text: str = "", out: TextIO | None = None) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from app.client import TERMINAL, ApiError, SagaClient
+from app.client import TERMINAL, ApiError, SagaClient, callback_due
 
 if TYPE_CHECKING:
     from examples.demo import Orchestrator, Timing
@@ -148,6 +148,34 @@ class Demo:
         for service in PARTICIPANTS:
             with contextlib.suppress(httpx.HTTPError):
                 await self.chaos(service)
+        with contextlib.suppress(httpx.HTTPError):
+            await self.provider()
+
+    async def provider(self, **settings: Any) -> dict[str, int]:
+        """Set how the payment provider confirms charges (`{}`: the default); answers
+        how its callback reports have been answered so far."""
+        response = await self.http.post(f"{self.urls['payments']}/_provider", json=settings)
+        response.raise_for_status()
+        return await self.reports()
+
+    async def reports(self) -> dict[str, int]:
+        """How the orchestrator answered the payment provider's reports, so far."""
+        response = await self.http.get(f"{self.urls['payments']}/_provider")
+        response.raise_for_status()
+        counts: dict[str, int] = response.json()["reports"]
+        return counts
+
+    async def callback_history(self, saga_id: str) -> list[str]:
+        """charge_payment's history: `accepted`, `callback_reported`, then its outcome."""
+        seen: list[str] = []
+        for e in await self.client.events(saga_id):
+            if e.get("step") != "charge_payment" or e.get("direction") not in (None, "action"):
+                continue
+            if e["type"] == "attempt_finished":
+                seen.append(str(e.get("outcome")))
+            elif e["type"] == "callback_reported":
+                seen.append("callback_reported")
+        return seen
 
     async def effects(self, service: str, order_ref: str | None = None) -> dict[str, int]:
         params = {"order_ref": order_ref} if order_ref else {}
@@ -213,9 +241,12 @@ def current_step(saga: dict[str, Any]) -> str:
 
 
 async def happy_path(demo: Demo) -> str:
+    await demo.provider(confirm_delay_seconds=demo.timing.confirm_delay)
+    taken_before = (await demo.reports()).get("taken", 0)
     began = time.monotonic()
     ids = await demo.start("happy", 3)
     demo.step("3 checkouts started")
+    await waiting_for_the_provider(demo, ids)
     sagas = await demo.finish(ids)
     took = time.monotonic() - began
     statuses = [s["status"] for s in sagas]
@@ -226,6 +257,13 @@ async def happy_path(demo: Demo) -> str:
         demo.expect(not bad, f"saga {saga['id'][:8]}: steps not succeeded: {bad}")
     await demo.exactly_once(ids)
     demo.step("each order charged once, created once, stock reserved once, receipt sent once")
+    histories = [await demo.callback_history(i) for i in ids]
+    expected = ["accepted", "callback_reported", "succeeded"]
+    for saga_id, history in zip(ids, histories, strict=True):
+        demo.expect(history == expected, f"saga {saga_id[:8]}: charge_payment went {history}")
+    taken = (await demo.reports()).get("taken", 0) - taken_before
+    demo.expect(taken == 3, f"the orchestrator took {taken} of the provider's 3 reports")
+    demo.step("each charge: 202 accepted -> the provider's report taken (200) -> step succeeded")
     again = await demo.client.start_saga(
         DEFINITION, order_input(0), idempotency_key=f"demo-{demo.run}-happy-0"
     )
@@ -234,7 +272,23 @@ async def happy_path(demo: Demo) -> str:
         "the same Idempotency-Key started a second saga",
     )
     demo.step("the first checkout sent again with its Idempotency-Key: same saga, no new charge")
-    return "3 checkouts completed"
+    return "3 checkouts completed; each charge waited for the provider's callback, then succeeded"
+
+
+async def waiting_for_the_provider(demo: Demo, ids: list[str]) -> None:
+    """Show (and check) one of the charges waiting for its callback report."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for saga in await asyncio.gather(*(demo.client.get_saga(i) for i in ids)):
+            due = callback_due(saga, "charge_payment")
+            if due is not None:
+                demo.step(
+                    f"saga {saga['id'][:8]}: charge_payment is waiting for the payment "
+                    f"provider's callback (payments answered 202), until {due:%H:%M:%S %Z} at most"
+                )
+                return
+        await asyncio.sleep(0.05)
+    raise Check("no charge_payment was seen waiting for its callback")
 
 
 async def order_fails(demo: Demo) -> str:
@@ -370,10 +424,49 @@ async def orchestrator_killed(demo: Demo) -> str:
     return f"killed mid-run and restarted -> {len(ids)} sagas completed, effects exactly once"
 
 
+async def card_declined(demo: Demo) -> str:
+    await demo.provider(decline="insufficient funds")
+    demo.step("the payment provider now declines every card (a `failed` callback report)")
+    refused_before = await demo.reports()
+    (saga_id,) = await demo.start("declined", 1)
+    (saga,) = await demo.finish([saga_id])
+    charge = step_status(saga, "charge_payment")
+    error = saga.get("error") or {}
+    demo.step(
+        f"saga {saga['status']}: {error.get('kind')} at {error.get('step')}"
+        f" ({error.get('message')}); charge_payment {charge}"
+    )
+    demo.expect(saga["status"] == "compensated", f"saga is {saga['status']}, not compensated")
+    demo.expect(error.get("kind") == "callback_failed", f"the error is {error}")
+    demo.expect(charge == "compensated", f"charge_payment is {charge}, not compensated")
+    history = await demo.callback_history(saga_id)
+    demo.expect(
+        history == ["accepted", "callback_reported", "failed"],
+        f"charge_payment went {history}",
+    )
+    demo.step("charge_payment: 202 accepted -> the failed report taken -> refund ran (a no-op)")
+    taken = (await demo.reports()).get("taken", 0) - refused_before.get("taken", 0)
+    demo.expect(taken == 1, f"the orchestrator took {taken} reports, not 1")
+    counts = await demo.effects_of(saga_id)
+    demo.step(
+        f"payments: {counts['charges']} charge, {counts['charges_declined']} declined, "
+        f"{counts['refunds']} refunds; orders: {counts['orders']}; "
+        f"reservations: {counts['reservations']}"
+    )
+    demo.expect(
+        (counts["charges"], counts["charges_declined"], counts["refunds"]) == (1, 1, 0),
+        f"payments effects: {counts}",
+    )
+    for name in ("fraud_checks", "orders", "reservations", "emails"):
+        demo.expect(counts[name] == 0, f"{counts[name]} {name} for a declined card")
+    return "the provider declined the card in its callback -> compensated, nothing else done"
+
+
 SCENARIOS: list[tuple[str, str, Callable[[Demo], Awaitable[str]]]] = [
     ("a", "Happy path: three checkouts", happy_path),
     ("b", "Payment succeeded, order creation failed -> refund the payment", order_fails),
     ("c", "Notifications down: the order still completes", notifications_down),
     ("d", "Inventory slow and failing, then recovering: its circuit breaker", inventory_flaky),
     ("e", "The orchestrator is killed (SIGKILL) mid-run and restarted", orchestrator_killed),
+    ("f", "The payment provider declines the card in its callback -> compensate", card_declined),
 ]

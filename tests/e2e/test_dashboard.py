@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -403,6 +404,89 @@ async def test_a_waiting_saga_says_why_and_what_would_be_compensated(
     assert re.search(r"charge\s*→\s*reserve", would), would
     assert await page.locator("svg#timeline rect.bar.action.retryable").count() == 1
     await dash.shot("saga-waiting")
+
+
+async def test_a_step_waiting_for_its_callback_is_shown_with_its_due_time(
+    dash: Dash, orchestrator: httpx.AsyncClient, participant: Participant
+) -> None:
+    """A callback step whose participant answered 202: the list marks the saga, its page
+    says until when the step waits, the timeline draws the wait; the report ends it."""
+    await setup_checkout(orchestrator, participant)
+    r = await orchestrator.post(
+        "/v1/definitions",
+        json={
+            "name": "async-pay",
+            "steps": [step("reserve"), step("charge", callback={"timeout_seconds": 600})],
+        },
+    )
+    assert r.status_code == 201, r.text
+    participant.script("/charge", Reply(202, {"accepted": True}))
+    r = await orchestrator.post(
+        "/v1/sagas", json={"definition": "async-pay", "input": {"order": 9}}
+    )
+    saga_id = r.json()["id"]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        saga = (await orchestrator.get(f"/v1/sagas/{saga_id}")).json()
+        charge = saga["steps"][1]
+        if charge["status"] == "waiting":
+            break
+        assert loop.time() < deadline, f"charge is {charge['status']}, not waiting"
+        await asyncio.sleep(0.05)
+    due = datetime.fromisoformat(charge["callback_due_at"])
+    until = due.strftime("%H:%M:%S")
+
+    await dash.login()
+    await dash.goto("/admin/sagas")
+    row = dash.page.locator(f"table#sagas tr:has(a[href='/admin/sagas/{saga_id}'])")
+    assert await row.locator(".waiting-callback").count() == 1
+    assert "waiting for a callback" in (await row.text_content() or "")
+    await dash.shot("sagas-callback-waiting")
+
+    await dash.goto(f"/admin/sagas/{saga_id}")
+    page = dash.page
+    assert (await page.locator("#saga-status").text_content() or "").strip() == "running"
+    waiting = await page.locator("#waiting").text_content() or ""
+    assert f"step 'charge' is waiting for its callback until {until}" in waiting, waiting
+    assert "retry due" not in waiting
+    charge_row = page.locator("table#steps tr#step-charge.waiting-callback")
+    assert await charge_row.count() == 1
+    assert (await charge_row.locator(".status").text_content() or "").strip() == "waiting"
+    cell = await charge_row.locator(".callback-due").text_content() or ""
+    assert cell == f"waiting for its callback until {until}", cell
+    assert await page.locator("table#steps tr.waiting-callback").count() == 1
+    # The timeline: the call that was accepted (202), then its wait, running to now.
+    accepted = page.locator("svg#timeline rect.bar.action.accepted")
+    assert await accepted.count() == 1
+    assert "202" in (await accepted.locator("title").text_content() or "")
+    wait = page.locator("svg#timeline rect.bar.callback-wait.waiting")
+    assert await wait.count() == 1
+    assert "waiting for its callback" in (await wait.locator("title").text_content() or "")
+    would = await page.locator("#would-compensate").text_content() or ""
+    assert re.search(r"charge\s*→\s*reserve", would), would  # its outcome is unknown
+    await dash.shot("saga-callback-waiting")
+
+    token = participant.to("/charge")[0].headers["x-saga-callback-url"].rsplit("/", 1)[1]
+    reported = await orchestrator.post(
+        f"/v1/callbacks/{token}", json={"status": "succeeded", "response": {"charge_id": "c1"}}
+    )
+    assert reported.status_code == 200, reported.text
+    assert (await wait_terminal(orchestrator, saga_id))["status"] == "completed"
+    await dash.goto(f"/admin/sagas/{saga_id}")
+    assert (await page.locator("#saga-status").text_content() or "").strip() == "completed"
+    assert await page.locator("#waiting").count() == 0
+    assert await page.locator("table#steps tr.waiting-callback").count() == 0
+    done = page.locator("svg#timeline rect.bar.callback-wait.succeeded")
+    assert await done.count() == 1
+    assert "waited for its callback, then succeeded" in (
+        await done.locator("title").text_content() or ""
+    )
+    events = page.locator("table#events")
+    assert await events.locator("tr", has_text="callback_reported").count() == 1
+    await dash.shot("saga-callback-reported")
+    await dash.goto("/admin/sagas")
+    assert await dash.page.locator("table#sagas .waiting-callback").count() == 0
 
 
 async def _retry_scheduled(client: httpx.AsyncClient, saga_id: str) -> bool:

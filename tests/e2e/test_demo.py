@@ -18,7 +18,7 @@ from tests.support.servers import free_port
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ["a", "b", "c", "d", "e"]
+SCENARIOS = ["a", "b", "c", "d", "e", "f"]
 VERDICT = re.compile(r"^\s*(PASS|FAIL)\s+\((\w)\)\s+(.*)$")
 LINK = re.compile(r"http://127\.0\.0\.1:(\d+)/admin/sagas/[0-9a-f-]{36}$")
 
@@ -70,7 +70,7 @@ def test_demo_passes_every_scenario(db_url: str, tmp_path: Path) -> None:
             current = None
     assert verdicts == dict.fromkeys(SCENARIOS, "PASS"), text
     assert all(links[key] for key in SCENARIOS), f"a scenario shows no saga link\n{text}"
-    assert "All 5 scenarios passed." in text
+    assert "All 6 scenarios passed." in text
     assert f"http://127.0.0.1:{port}/admin" in text
     assert re.search(r"Admin token\s+\S{16,}", text), text
     assert "Traceback" not in text, text

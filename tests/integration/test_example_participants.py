@@ -26,7 +26,8 @@ from examples.checkout import (
     create_orders_app,
     create_payments_app,
 )
-from tests.support.servers import serve
+from tests.support.servers import Participant as Recorder
+from tests.support.servers import Reply, serve
 
 ITEMS = [{"sku": "coffee-1kg", "qty": 2}]
 
@@ -280,3 +281,112 @@ async def test_chaos_makes_it_fail_slow_down_and_recover(case: Case, started: St
 
         assert (await client.post("/_chaos", json={})).status_code == 200
         assert 200 <= (await call()).status_code < 300
+
+
+# --- payments as a callback step's participant --------------------------------------------
+
+
+@pytest.fixture
+async def payments(db_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with (
+        serve(create_payments_app(db_url)) as base,
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+async def saga_side() -> AsyncIterator[Recorder]:
+    """Stands in for the orchestrator's callback route: records the reports."""
+    recorder = Recorder()
+    async with serve(recorder.app) as base:
+        recorder.url = base
+        yield recorder
+
+
+async def _reports(saga_side: Recorder, token: str, count: int = 1) -> list[Any]:
+    deadline = time.monotonic() + 10
+    while len(saga_side.to(f"/v1/callbacks/{token}")) < count:
+        assert time.monotonic() < deadline, f"no report to {token}"
+        await asyncio.sleep(0.02)
+    return [c.body for c in saga_side.to(f"/v1/callbacks/{token}")]
+
+
+async def test_a_charge_with_a_callback_url_is_accepted_then_reported(
+    payments: httpx.AsyncClient, saga_side: Recorder
+) -> None:
+    await payments.post("/_provider", json={"confirm_delay_seconds": 0.1})
+    ref, idem = str(uuid.uuid4()), key()
+    headers = {"Idempotency-Key": idem, "X-Saga-Callback-URL": f"{saga_side.url}/v1/callbacks/t1"}
+    body = {"amount": 42.5, "order_ref": ref}
+    accepted = await payments.post("/charges", json=body, headers=headers)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["status"] == "pending"
+    (report,) = await _reports(saga_side, "t1")
+    charge_id = accepted.json()["id"]
+    assert report == {
+        "status": "succeeded",
+        "response": {"id": charge_id, "order_ref": ref, "amount": 42.5, "status": "captured"},
+    }
+    assert "authorization" not in saga_side.to("/v1/callbacks/t1")[0].headers
+
+    # A retry after a timeout: the same key, a new URL: the same 202, no second charge,
+    # and the outcome (decided once) reported to the new URL.
+    headers["X-Saga-Callback-URL"] = f"{saga_side.url}/v1/callbacks/t2"
+    again = await payments.post("/charges", json=body, headers=headers)
+    assert (again.status_code, again.json()) == (202, accepted.json())
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert await _reports(saga_side, "t2") == [report]
+    assert (await counts(payments, ref))["charges"] == 1
+    provider = (await payments.get("/_provider")).json()
+    assert provider["reports"] == {"taken": 2}
+
+
+async def test_a_declined_charge_is_reported_failed_and_its_refund_is_a_no_op(
+    payments: httpx.AsyncClient, saga_side: Recorder
+) -> None:
+    r = await payments.post(
+        "/_provider", json={"confirm_delay_seconds": 0, "decline": "insufficient funds"}
+    )
+    assert r.status_code == 200, r.text
+    ref = str(uuid.uuid4())
+    headers = {"Idempotency-Key": key(), "X-Saga-Callback-URL": f"{saga_side.url}/v1/callbacks/d"}
+    accepted = await payments.post(
+        "/charges", json={"amount": 9, "order_ref": ref}, headers=headers
+    )
+    assert accepted.status_code == 202, accepted.text
+    assert await _reports(saga_side, "d") == [
+        {"status": "failed", "error": "card declined: insufficient funds"}
+    ]
+    refund = await payments.post(
+        "/refunds", json={"order_ref": ref}, headers={"Idempotency-Key": key()}
+    )
+    assert refund.status_code == 200 and refund.json()["refunded"] == []
+    got = await counts(payments, ref)
+    assert (got["charges"], got["charges_declined"], got["refunds"]) == (1, 1, 0)
+    assert (await payments.post("/_provider", json={})).json()["decline"] is None
+
+
+async def test_a_charge_undone_before_its_confirmation_is_voided_and_reported_failed(
+    payments: httpx.AsyncClient, saga_side: Recorder
+) -> None:
+    await payments.post("/_provider", json={"confirm_delay_seconds": 0.5})
+    saga_side.always("/v1/callbacks/v", Reply(409, {"status": 409, "detail": "moved on"}))
+    ref = str(uuid.uuid4())
+    headers = {"Idempotency-Key": key(), "X-Saga-Callback-URL": f"{saga_side.url}/v1/callbacks/v"}
+    accepted = await payments.post(
+        "/charges", json={"amount": 9, "order_ref": ref}, headers=headers
+    )
+    assert accepted.status_code == 202, accepted.text
+    refund = await payments.post(
+        "/refunds", json={"order_ref": ref}, headers={"Idempotency-Key": key()}
+    )
+    assert refund.status_code == 200, refund.text
+    (report,) = await _reports(saga_side, "v")
+    assert report["status"] == "failed" and "voided" in report["error"]
+    got = await counts(payments, ref)
+    assert (got["charges"], got["charges_voided"], got["charges_refunded"]) == (1, 1, 0)
+    deadline = time.monotonic() + 5
+    while (await payments.get("/_provider")).json()["reports"] != {"refused_409": 1}:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)

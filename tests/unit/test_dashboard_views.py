@@ -148,6 +148,35 @@ def test_timeline_finished_without_start_is_a_zero_length_bar() -> None:
     assert bars[0].label == "a action #1: failed - cannot connect"
 
 
+def test_timeline_draws_a_callback_steps_wait_after_its_202() -> None:
+    events = [
+        started("charge", "action", 1, 1),
+        finished("charge", "action", 1, 1.5, "accepted", 202),
+        other("callback_reported", 4, "charge"),
+        finished("charge", "action", 1, 4.2, "succeeded", 202),
+        started("charge", "action", 2, 5),
+        finished("charge", "action", 2, 5.5, "accepted", 202),
+    ]
+    accepted, waited, accepted_again, waiting_now = timeline(events, T0, at(8))
+    assert (accepted.outcome, accepted.start, accepted.end, accepted.wait) == (
+        "accepted",
+        1,
+        1.5,
+        False,
+    )
+    assert "(202)" in accepted.label
+    assert (waited.outcome, waited.start, waited.end, waited.wait) == ("succeeded", 1.5, 4.2, True)
+    assert "waited for its callback, then succeeded" in waited.label
+    assert accepted_again.attempt == 2 and not accepted_again.wait
+    assert (waiting_now.outcome, waiting_now.attempt, waiting_now.start, waiting_now.end) == (
+        "waiting",
+        2,
+        5.5,
+        8,
+    )
+    assert waiting_now.wait and "waiting for its callback report" in waiting_now.label
+
+
 def test_timeline_of_no_attempts_is_empty() -> None:
     assert timeline([other("saga_started", 0)], T0, at(1)) == []
 
@@ -293,6 +322,18 @@ def test_why_waiting_retry_due() -> None:
 def test_why_waiting_due_now() -> None:
     assert waiting(due_at=T0) == "due now: waiting for a free executor"
     assert waiting(due_at=at(-60)) == "due now: waiting for a free executor"
+
+
+def test_why_waiting_for_a_callback_says_until_when() -> None:
+    # The saga's own due time is the wait's end too; it is no retry.
+    text = why_waiting(S.RUNNING, at(600), None, None, None, T0, None, ("charge", at(600)))
+    assert text == (
+        "step 'charge' is waiting for its callback until 12:10:00 "
+        "(its participant answered 202; no report yet)"
+    )
+    # A report was taken and an executor holds the saga: it is in progress.
+    held = why_waiting(S.RUNNING, at(600), None, "w1", at(3), T0, None, ("charge", at(600)))
+    assert held is not None and held.startswith("in progress")
 
 
 def test_why_waiting_nothing_scheduled() -> None:
