@@ -50,8 +50,9 @@ async def test_bulkhead_caps_concurrency_across_executors_and_isolates_healthy_s
     async with (
         participant_server(Participant) as slow,
         participant_server(Participant) as fast,
-        extra_executor(db_url, "exec-one"),
-        extra_executor(db_url, "exec-extra"),
+        # Neither can hold all the sagas at once, so both take part however they race.
+        extra_executor(db_url, "exec-one", concurrency=SLOW_SAGAS // 3),
+        extra_executor(db_url, "exec-extra", concurrency=SLOW_SAGAS // 3),
     ):
         slow.always("/work", Reply(200, {"ok": True}, delay=0.3))
         await put_service(

@@ -245,6 +245,7 @@ class ExtraExecutor:
 
     db_url: str
     worker_id: str
+    concurrency: int | None = None  # SAGA_WORKER_CONCURRENCY (None: the default)
     denials: list[tuple[str, WaitReason]] = field(default_factory=list)
     _stop: asyncio.Event | None = None
     _task: asyncio.Task[None] | None = None
@@ -257,8 +258,9 @@ class ExtraExecutor:
         def record(lease: Lease, reason: WaitReason) -> None:
             self.denials.append((str(lease.saga_id), reason))
 
+        extra = {"SAGA_WORKER_CONCURRENCY": self.concurrency} if self.concurrency else {}
         ex = build_executor(
-            make_settings(), self._engine, worker_id=self.worker_id, on_denied=record
+            make_settings(**extra), self._engine, worker_id=self.worker_id, on_denied=record
         )
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(
@@ -281,8 +283,10 @@ class ExtraExecutor:
 
 
 @contextlib.asynccontextmanager
-async def extra_executor(db_url: str, worker_id: str) -> AsyncIterator[ExtraExecutor]:
-    ex = ExtraExecutor(db_url, worker_id)
+async def extra_executor(
+    db_url: str, worker_id: str, concurrency: int | None = None
+) -> AsyncIterator[ExtraExecutor]:
+    ex = ExtraExecutor(db_url, worker_id, concurrency)
     await ex.start()
     try:
         yield ex
