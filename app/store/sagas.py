@@ -11,17 +11,18 @@ from sqlalchemy import select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.states import SagaStatus, StepStatus
+from app.core.states import NotificationStatus, SagaStatus, StepStatus
 from app.core.views import (
     CancelResult,
     NewSaga,
+    NotificationView,
     SagaSummary,
     SagaView,
     StartResult,
     StepSummary,
     StepView,
 )
-from app.store.tables import IdempotencyKey, Saga, SagaEvent, SagaStep
+from app.store.tables import IdempotencyKey, Notification, Saga, SagaEvent, SagaStep
 
 SAGA_WORK_CHANNEL = "saga_work"
 SAGA_DONE_CHANNEL = "saga_done"
@@ -43,6 +44,13 @@ def _step_view(row: Any) -> StepView:
     )
 
 
+def _notification(row: Any) -> NotificationView | None:
+    if row.notify is None:
+        return None
+    status = NotificationStatus(row.notification_status or NotificationStatus.PENDING)
+    return NotificationView(status, row.notification_attempts or 0)
+
+
 def _saga_view(row: Any, steps: list[StepView]) -> SagaView:
     return SagaView(
         id=row.id,
@@ -61,6 +69,7 @@ def _saga_view(row: Any, steps: list[StepView]) -> SagaView:
         steps=steps,
         business_key=row.business_key,
         labels=row.labels,
+        notification=_notification(row),
     )
 
 
@@ -184,7 +193,17 @@ class SagaStore:
 
     async def get(self, saga_id: uuid.UUID) -> SagaView | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(select(Saga).where(Saga.id == saga_id))).first()
+            row = (
+                await conn.execute(
+                    select(
+                        Saga,
+                        Notification.status.label("notification_status"),
+                        Notification.attempts.label("notification_attempts"),
+                    )
+                    .outerjoin(Notification, Notification.saga_id == Saga.id)
+                    .where(Saga.id == saga_id)
+                )
+            ).first()
             if row is None:
                 return None
             steps = (
