@@ -112,8 +112,9 @@ def build_executor(
 ) -> Executor:
     """An executor on PostgreSQL, calling participants over HTTP through the host policy."""
     worker_id = worker_id or new_worker_id()
+    repo = PgSagaRepository(engine, worker_id, settings.lease_seconds)
     return Executor(
-        PgSagaRepository(engine, worker_id, settings.lease_seconds),
+        repo,
         caller or ParticipantClient(settings.host_policy),
         engine_config(settings),
         worker_id,
@@ -121,6 +122,7 @@ def build_executor(
         tracing=tracing,
         on_denied=on_denied,
         on_finished=on_finished,
+        notifications=repo,
     )
 
 
@@ -215,6 +217,7 @@ def create_app(
                 waiters,
                 settings.idempotency_ttl_hours * 3600,
                 local=LocalHandoff(executor) if executor is not None else None,
+                hosts=settings.host_policy,
             ),
             catalog=Catalog(registry, settings.host_policy),
             ops=Operations(admin, StatsStore(engine), registry, SessionStore(engine)),

@@ -19,6 +19,7 @@ POINTS = frozenset(
         "after_send_before_commit",
         "after_commit",
         "mid_compensation",
+        "before_notify",  # the terminal commit landed; its notification is not sent yet
     }
 )
 

@@ -45,6 +45,7 @@ from app.engine.ports import (
     Started,
 )
 from app.store import engine_sql as sql
+from app.store.notifications import PgNotifications
 from app.store.pool import open_pool
 from app.store.registry import Registry, service_spec
 from app.store.retention import Retention
@@ -140,7 +141,7 @@ def _breaker_params(change: BreakerChange | None) -> dict[str, Any]:
     }
 
 
-class PgSagaRepository:
+class PgSagaRepository(PgNotifications):
     """Every statement the executor runs, for one worker."""
 
     def __init__(self, engine: AsyncEngine, worker_id: str, lease_seconds: float) -> None:
@@ -350,6 +351,7 @@ class PgSagaRepository:
             "release": commit.release_slot or write.next is not Next.CONTINUE,
             "channel": SAGA_DONE_CHANNEL,
             "notify": write.status.terminal and write.next is Next.IDLE,
+            "becomes_terminal": write.status.terminal and write.status is not was,
             "events": _json([_event(e) for e in commit.events]),
             **_step_params(commit),
             **_letter_params(commit),
@@ -366,7 +368,13 @@ class PgSagaRepository:
                     return CancelFirst(why.db_now)
                 return None
         conflict = commit.breaker is not None and not row.breaker_written
-        return Applied(row.db_now, bool(row.cancel_requested), conflict)
+        epoch = row.notification_epoch
+        return Applied(
+            row.db_now,
+            bool(row.cancel_requested),
+            conflict,
+            notification=int(epoch) if epoch is not None else None,
+        )
 
     async def _write_breaker(self, conn: AsyncConnection, change: BreakerChange) -> bool:
         before, after = change.before, change.after
@@ -434,6 +442,7 @@ class PgSagaRepository:
                     "message": f"{message} {crashes} times in a row; parked for an operator",
                 }
                 await conn.execute(sql.PARK, {"id": lease.saga_id, "error": _json(error)})
+                await conn.execute(sql.ARM_NOTIFICATION, {"id": lease.saga_id})
                 await conn.execute(
                     sql.INSERT_DEAD_LETTER,
                     {
