@@ -179,6 +179,7 @@ class SagaStore:
                 # Without a caller's trace, the saga is its own trace: all its calls join it.
                 traceparent=new.traceparent or f"00-{saga_id.hex}-{secrets.token_hex(8)}-01",
                 due_at=text("now()"),
+                notify=new.notify,
             )
         )
         await conn.execute(
