@@ -8,9 +8,12 @@ import time
 from typing import Any
 
 import httpx
+import psycopg
 
+from app.store.db import make_engine
+from app.store.retention import Retention
 from tests.support.api_helpers import assert_problem
-from tests.support.engine_helpers import define, events, fast_retry, put_service, step
+from tests.support.engine_helpers import define, events, fast_retry, put_service, query, step
 from tests.support.isolation_helpers import ADMIN, eventually, participant_server
 from tests.support.servers import Participant, Received, Reply
 
@@ -313,3 +316,71 @@ async def test_the_bulkhead_holds_deliveries_to_its_concurrency(
             assert settled["notification"]["status"] == "delivered"
             assert len(_for(receiver, saga_id)) == 1
         assert receiver.max_in_flight == 1
+
+
+async def test_a_saga_that_ends_again_is_notified_again_with_the_same_key(
+    orchestrator: httpx.AsyncClient, participant: Participant
+) -> None:
+    async with participant_server() as receiver:
+        await _setup(orchestrator, participant, receiver)
+        steps = [step("a", pivot=True), step("b", compensate=False)]
+        await define(orchestrator, "pivoted", steps, notify=hook())
+        participant.script("/b", Reply(400))
+        saga = await _start(orchestrator, "pivoted")
+        failed = await _settled(orchestrator, saga["id"])
+        assert failed["status"] == "failed"
+        assert failed["notification"] == {"status": "delivered", "attempts": 1}
+        r = await orchestrator.get(
+            "/v1/admin/dead-letters", params={"status": "open"}, headers=ADMIN
+        )
+        (letter,) = [d for d in r.json()["items"] if d["saga_id"] == saga["id"]]
+        assert letter["direction"] == "action" and letter["step"] == "b"
+
+        r = await orchestrator.post(f"/v1/admin/dead-letters/{letter['id']}/retry", headers=ADMIN)
+        assert r.status_code == 202, r.text
+
+        async def twice() -> list[Received] | None:
+            calls = _for(receiver, saga["id"])
+            return calls if len(calls) == 2 else None
+
+        first, second = await eventually(twice, within=30, what="a second delivery")
+        assert first.headers["x-saga-status"] == "failed"
+        assert second.headers["x-saga-status"] == "completed"
+        assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
+        settled = await _settled(orchestrator, saga["id"])
+        assert settled["status"] == "completed"
+        assert settled["notification"] == {"status": "delivered", "attempts": 1}
+        assert second.body["status"] == "completed"
+
+
+async def test_retention_keeps_a_saga_whose_notification_is_pending(
+    orchestrator: httpx.AsyncClient, participant: Participant, db_url: str
+) -> None:
+    async with participant_server() as receiver:
+        await _setup(orchestrator, participant, receiver)
+        slow = fast_retry(max_attempts=50, initial_interval_seconds=30, max_interval_seconds=60)
+        await define(orchestrator, "told", [step("a")], notify=hook())
+        await define(orchestrator, "waits", [step("a")], notify=hook("/down", retry=slow))
+        receiver.always("/down", Reply(503))
+        told = await _start(orchestrator, "told")
+        waits = await _start(orchestrator, "waits")
+        assert (await _settled(orchestrator, told["id"]))["notification"]["status"] == "delivered"
+
+        async def attempted() -> bool:
+            note = (await _saga(orchestrator, waits["id"]))["notification"]
+            return bool(note["attempts"] >= 1)
+
+        await eventually(attempted, what="a first failed delivery")
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await conn.execute("UPDATE sagas SET finished_at = now() - interval '1000 hours'")
+        engine = make_engine(db_url)
+        try:
+            pruned = await Retention(engine).prune(3600)
+        finally:
+            await engine.dispose()
+        assert pruned is not None and pruned.sagas == 1
+        assert (await orchestrator.get(f"/v1/sagas/{told['id']}")).status_code == 404
+        kept = await _saga(orchestrator, waits["id"])
+        assert kept["notification"]["status"] == "pending"
+        rows = await query(db_url, "SELECT saga_id FROM notifications")
+        assert [str(r["saga_id"]) for r in rows] == [waits["id"]]
