@@ -126,10 +126,11 @@ class Notifier:
                 try:
                     jobs = await self.store.claim_notifications(free)
                     error_delay = 0.1
-                except Exception as exc:
-                    if not self.repo.outage(exc):
-                        raise
-                    log.warning("notification claim failed", extra={"error": describe_error(exc)})
+                except Exception as exc:  # an outage, or a bug: never end the loop for it
+                    level = logging.WARNING if self.repo.outage(exc) else logging.ERROR
+                    log.log(
+                        level, "notification claim failed", extra={"error": describe_error(exc)}
+                    )
                     await _sleep_or_stop(stop, error_delay)
                     error_delay = min(error_delay * 2, 5.0)
                     continue
