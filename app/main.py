@@ -165,7 +165,9 @@ async def run_executor_until(
     executor: Executor, database_url: str, stop: asyncio.Event, own_caller: bool = True
 ) -> None:
     """Run `executor` until `stop`, woken by the database's notifications of new work."""
-    listener = Listener(database_url, [SAGA_WORK_CHANNEL], lambda _c, _p: executor.wake())
+    listener = Listener(
+        database_url, [SAGA_WORK_CHANNEL], lambda _c, payload: executor.wake(payload)
+    )
     listening = asyncio.create_task(listener.run(), name="executor-listen")
     try:
         await executor.run(stop)

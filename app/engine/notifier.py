@@ -47,7 +47,8 @@ from app.telemetry.metrics import Metrics
 log = logging.getLogger("app.engine.notifier")
 T = TypeVar("T")
 GUARD_ROUNDS = 4
-MIN_CLAIM_SPACING_SECONDS = 0.2  # wake-ups (one per started saga) claim at most this often
+MIN_CLAIM_SPACING_SECONDS = 0.2  # between two claims, however often it is woken
+NOTIFY_WAKE = "notify"  # the work channel's payload that wakes the notification loop
 
 
 class Notifier:

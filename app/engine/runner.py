@@ -28,7 +28,7 @@ from app.core.requests import HttpRequest
 from app.core.states import AttemptOutcome, Direction, EventType, SagaStatus, WaitReason
 from app.engine.driver import Driver, LeaseLost, SagaRun
 from app.engine.failpoints import Failpoints
-from app.engine.notifier import Notifier
+from app.engine.notifier import NOTIFY_WAKE, Notifier
 from app.engine.ports import Caller, Claimed, Lease, Notifications, Park, SagaRepository
 from app.engine.services import ServiceCache
 from app.logs import describe_error, safe_traceback
@@ -103,10 +103,12 @@ class Executor:
         self._slot_freed = asyncio.Event()
         self._calls_end: dict[uuid.UUID, float] = {}  # monotonic time each call times out
 
-    def wake(self) -> None:
-        """New work may be due (a notification arrived)."""
+    def wake(self, payload: str = "") -> None:
+        """New work may be due (a notification arrived). Only an operator's retry of a
+        notification's dead letter (payload `notify`) wakes the notification loop: the
+        sagas' own wake-ups cost it nothing, it polls otherwise."""
         self._wake.set()
-        if self.notifier is not None:
+        if payload == NOTIFY_WAKE and self.notifier is not None:
             self.notifier.wake()
 
     def has_room(self) -> bool:

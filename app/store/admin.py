@@ -21,7 +21,7 @@ from app.core.deadletters import (
 from app.core.states import DeadLetterStatus, Direction, EventType, SagaStatus
 from app.core.views import ActionResult, DeadLetterView
 from app.store.registry import audit
-from app.store.sagas import SAGA_WORK_CHANNEL
+from app.store.sagas import NOTIFY_WAKE, SAGA_WORK_CHANNEL
 from app.store.tables import AdminAudit, DeadLetter, SagaEvent
 
 
@@ -190,7 +190,9 @@ class AdminStore:
             )
         )
         await self._audit(conn, actor, "dead_letter.retry", str(row.id), {})
-        await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": SAGA_WORK_CHANNEL})
+        await conn.execute(
+            text("SELECT pg_notify(:c, :p)"), {"c": SAGA_WORK_CHANNEL, "p": NOTIFY_WAKE}
+        )
         return ActionResult.DONE, "retrying"
 
     async def _resume(self, conn: AsyncConnection, saga_id: uuid.UUID, plan: RetryPlan) -> None:

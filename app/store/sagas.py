@@ -26,6 +26,7 @@ from app.store.tables import IdempotencyKey, Notification, Saga, SagaEvent, Saga
 
 SAGA_WORK_CHANNEL = "saga_work"
 SAGA_DONE_CHANNEL = "saga_done"
+NOTIFY_WAKE = "notify"  # a work wake-up for the notification loops (engine.notifier)
 
 
 def _step_view(row: Any) -> StepView:

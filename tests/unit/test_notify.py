@@ -179,3 +179,10 @@ def test_a_notify_dead_letter_may_be_retried_once_while_the_saga_is_terminal() -
     assert isinstance(discarded, Refusal) and not discarded.already
     running = plan_notify_retry(DeadLetterStatus.OPEN, SagaStatus.RUNNING)
     assert isinstance(running, Refusal) and "running" in running.message
+
+
+def test_the_store_and_the_engine_agree_on_the_wake_up_payload() -> None:
+    from app.engine.notifier import NOTIFY_WAKE as ENGINE
+    from app.store.sagas import NOTIFY_WAKE as STORE
+
+    assert ENGINE == STORE
