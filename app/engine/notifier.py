@@ -80,8 +80,9 @@ class Notifier:
         self._wake.set()
 
     def _wake_in(self, delay: float) -> None:
-        if delay < self.poll_interval_seconds:
-            asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
+        """Look again when a notification this process scheduled is due (another
+        process finds it at its next idle poll should this one be gone by then)."""
+        asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
 
     # --- the terminal commit's own delivery --------------------------------------------
 
@@ -119,8 +120,14 @@ class Notifier:
     # --- the claim loop ----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Claim due notifications. While none are found, the loop polls only once per
+        lease (a crash's notification is not due before its lease ends anyway), so a
+        deployment without notification targets pays one small statement per lease per
+        process; it is woken for what this process scheduled and for an operator's retry."""
         error_delay = 0.1
+        idle = max(self.poll_interval_seconds, self.lease_seconds)
         while not stop.is_set():
+            wait = idle
             free = self.concurrency - len(self._tasks)
             if free > 0:
                 self._wake.clear()
@@ -140,12 +147,14 @@ class Notifier:
                 if jobs and len(jobs) == free:
                     await _sleep_or_stop(stop, MIN_CLAIM_SPACING_SECONDS)
                     continue
+                if jobs:
+                    wait = self.poll_interval_seconds
+            else:
+                wait = self.poll_interval_seconds  # deliveries under way: look again soon
             await _sleep_or_stop(stop, MIN_CLAIM_SPACING_SECONDS)
             waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
             try:
-                await asyncio.wait(
-                    waits, timeout=self.poll_interval_seconds, return_when=asyncio.FIRST_COMPLETED
-                )
+                await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()

@@ -49,7 +49,7 @@ from app.store.notifications import PgNotifications
 from app.store.pool import open_pool
 from app.store.registry import Registry, service_spec
 from app.store.retention import Retention
-from app.store.sagas import SAGA_DONE_CHANNEL
+from app.store.sagas import NOTIFY_WAKE, SAGA_DONE_CHANNEL, SAGA_WORK_CHANNEL
 
 
 async def notify(conn: AsyncConnection, channel: str, payload: str) -> None:
@@ -443,6 +443,7 @@ class PgSagaRepository(PgNotifications):
                 }
                 await conn.execute(sql.PARK, {"id": lease.saga_id, "error": _json(error)})
                 await conn.execute(sql.ARM_NOTIFICATION, {"id": lease.saga_id})
+                await notify(conn, SAGA_WORK_CHANNEL, NOTIFY_WAKE)
                 await conn.execute(
                     sql.INSERT_DEAD_LETTER,
                     {

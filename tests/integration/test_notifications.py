@@ -10,12 +10,14 @@ from typing import Any
 import httpx
 import psycopg
 
+from app.main import create_app
 from app.store.db import make_engine
 from app.store.retention import Retention
+from tests.conftest import make_settings
 from tests.support.api_helpers import assert_problem
 from tests.support.engine_helpers import define, events, fast_retry, put_service, query, step
 from tests.support.isolation_helpers import ADMIN, eventually, participant_server
-from tests.support.servers import Participant, Received, Reply
+from tests.support.servers import Participant, Received, Reply, serve
 
 TERMINAL = ("completed", "compensated", "failed")
 
@@ -384,3 +386,31 @@ async def test_retention_keeps_a_saga_whose_notification_is_pending(
         assert kept["notification"]["status"] == "pending"
         rows = await query(db_url, "SELECT saga_id FROM notifications")
         assert [str(r["saga_id"]) for r in rows] == [waits["id"]]
+
+
+async def test_a_saga_parked_by_the_crash_limit_is_notified(
+    db_url: str, participant: Participant
+) -> None:
+    """An engine error that repeats parks the saga `failed` (without a terminal commit of
+    the driver's): the park arms the notification too, for any executor."""
+    settings = make_settings(SAGA_FAILPOINT="raise:after_send_before_commit", SAGA_LEASE_SECONDS=1)
+    app = create_app(settings, db_url, run_executor=True)
+    async with (
+        participant_server() as receiver,
+        serve(app) as base,
+        httpx.AsyncClient(base_url=base, timeout=40) as client,
+    ):
+        await _setup(client, participant, receiver)
+        await define(
+            client,
+            "buggy",
+            [step("a", retry=fast_retry(10), compensate=False)],
+            notify=hook(),
+        )
+        saga = await _start(client, "buggy")
+        settled = await _settled(client, saga["id"], within=40)
+        assert settled["status"] == "failed"
+        assert "parked for an operator" in settled["error"]["message"]
+        assert settled["notification"] == {"status": "delivered", "attempts": 1}
+        (delivery,) = _for(receiver, saga["id"])
+        assert delivery.headers["x-saga-status"] == "failed"
