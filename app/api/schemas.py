@@ -284,7 +284,7 @@ class SagaStart(Document):
     notify: NotifySpec | None = Field(
         default=None,
         description="Where to POST the saga's view when it becomes terminal (replaces the "
-        "definition's `notify`). An unknown service is a `422` (`unknown-service`), a host "
+        "definition's `notify`). An unknown service is a `422` (`invalid-notify`), a host "
         "SAGA_ALLOWED_HOSTS refuses a `422` (`host-not-allowed`).",
     )
 
