@@ -121,10 +121,14 @@ class SagaClient:
         version: int | None = None,
         business_key: str | None = None,
         labels: dict[str, str] | None = None,
+        notify: dict[str, Any] | None = None,
     ) -> Started:
         """Start a saga. A key is generated when none is given, so a retry after a lost
         answer cannot start a second saga. On an exclusive definition, a business key
-        held by an unfinished saga is an `ApiError` 409 whose `location` names that saga."""
+        held by an unfinished saga is an `ApiError` 409 whose `location` names that saga.
+        `notify` (`{"url": …}` or `{"service": …, "path": …}`, optional `headers` and
+        `retry`) replaces the definition's completion notification; the saga's
+        `notification` (`{"status", "attempts"}` or None) says how it went."""
         key = idempotency_key or f"client-{uuid.uuid4()}"
         body: dict[str, Any] = {"definition": definition, "input": input or {}}
         if version is not None:
@@ -133,6 +137,8 @@ class SagaClient:
             body["business_key"] = business_key
         if labels:
             body["labels"] = labels
+        if notify is not None:
+            body["notify"] = notify
         response = await self._request(
             "POST", "/v1/sagas", json=body, headers={"Idempotency-Key": key}
         )

@@ -123,8 +123,9 @@ def build_executor(
 ) -> Executor:
     """An executor on PostgreSQL, calling participants over HTTP through the host policy."""
     worker_id = worker_id or new_worker_id()
+    repo = PgSagaRepository(engine, worker_id, settings.lease_seconds)
     return Executor(
-        PgSagaRepository(engine, worker_id, settings.lease_seconds),
+        repo,
         caller or ParticipantClient(settings.host_policy),
         engine_config(settings),
         worker_id,
@@ -132,6 +133,7 @@ def build_executor(
         tracing=tracing,
         on_denied=on_denied,
         on_finished=on_finished,
+        notifications=repo,
     )
 
 
@@ -174,7 +176,9 @@ async def run_executor_until(
     executor: Executor, database_url: str, stop: asyncio.Event, own_caller: bool = True
 ) -> None:
     """Run `executor` until `stop`, woken by the database's notifications of new work."""
-    listener = Listener(database_url, [SAGA_WORK_CHANNEL], lambda _c, _p: executor.wake())
+    listener = Listener(
+        database_url, [SAGA_WORK_CHANNEL], lambda _c, payload: executor.wake(payload)
+    )
     listening = asyncio.create_task(listener.run(), name="executor-listen")
     try:
         await executor.run(stop)
@@ -226,6 +230,7 @@ def create_app(
                 waiters,
                 settings.idempotency_ttl_hours * 3600,
                 local=LocalHandoff(executor) if executor is not None else None,
+                hosts=settings.host_policy,
             ),
             callbacks=Callbacks(CallbackStore(engine)),
             catalog=Catalog(registry, settings.host_policy),

@@ -128,6 +128,7 @@ SAGA_OUT: dict[str, Any] = {
     "deadline_at": "2026-01-15T10:05:00.120000+00:00",
     "cancel_requested": False,
     "error": None,
+    "notification": {"status": "pending", "attempts": 0},
     "steps": [
         _step("charge_payment", "succeeded", {"id": "ch_1"}, 201),
         _step("create_order", "pending", None, None),
@@ -135,7 +136,7 @@ SAGA_OUT: dict[str, Any] = {
 }
 
 SAGA_SUMMARY: dict[str, Any] = {
-    **{k: v for k, v in SAGA_OUT.items() if k != "input"},
+    **{k: v for k, v in SAGA_OUT.items() if k not in ("input", "notification")},
     "steps": [{k: v for k, v in step.items() if k != "response"} for step in SAGA_OUT["steps"]],
 }
 

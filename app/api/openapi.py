@@ -131,6 +131,11 @@ RULES: dict[str, tuple[int, str, list[str | int]]] = {
         "base_url is not allowed: 10.0.0.5:80 lies in no IP/CIDR entry of SAGA_ALLOWED_HOSTS",
         ["body", "base_url"],
     ),
+    "invalid-notify": (
+        422,
+        "unknown service 'hooks': register it first (PUT /v1/services/…)",
+        ["body", "notify", "service"],
+    ),
     "invalid-definition": (
         422,
         "unknown service 'payments': register it first (PUT /v1/services/…)",

@@ -86,7 +86,12 @@ def _document(
                 503: "The database is unavailable, or (with `fail_fast`) the first service's "
                 "circuit is open; retry after `Retry-After` seconds.",
             },
-            rules=["unknown-definition", "idempotency-key-reused"],
+            rules=[
+                "unknown-definition",
+                "idempotency-key-reused",
+                "invalid-notify",
+                "host-not-allowed",
+            ],
         ),
     },
 )
@@ -128,6 +133,7 @@ async def start_saga(
             fail_fast=fail_fast,
             business_key=body.business_key,
             labels=body.labels,
+            notify=body.notify,
         )
     )
     headers = {"Location": f"/v1/sagas/{saga.id}"}

@@ -10,10 +10,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.core import patterns
 from app.core.checklist import Finding, Review, Rule
-from app.core.definition import CircuitBreakerConfig, Document, Name, StepSpec
+from app.core.definition import CircuitBreakerConfig, Document, Name, NotifySpec, StepSpec
 from app.core.labels import BusinessKey, Labels
 from app.core.plan import Failure, FailureKind, Then
-from app.core.states import CircuitState, Direction, ErrorKind, SagaStatus, StepStatus
+from app.core.states import (
+    CircuitState,
+    Direction,
+    ErrorKind,
+    NotificationStatus,
+    SagaStatus,
+    StepStatus,
+)
 from app.core.views import DefinitionRecord, SagaSummary, SagaView, ServiceRecord
 
 REDACTED = "[redacted]"
@@ -274,6 +281,12 @@ class SagaStart(Document):
     )
     business_key: BusinessKey | None = None
     labels: Labels = Field(default_factory=dict)
+    notify: NotifySpec | None = Field(
+        default=None,
+        description="Where to POST the saga's view when it becomes terminal (replaces the "
+        "definition's `notify`). An unknown service is a `422` (`invalid-notify`), a host "
+        "SAGA_ALLOWED_HOSTS refuses a `422` (`host-not-allowed`).",
+    )
 
 
 class StepOut(BaseModel):
@@ -293,6 +306,18 @@ class StepOut(BaseModel):
     )
 
 
+class NotificationOut(BaseModel):
+    """The saga's completion notification: `pending` (also while the saga runs, and
+    while deliveries are retried), `delivered` (a 2xx came back) or `failed` (its
+    attempts are exhausted: a dead letter with direction `notify`), and the attempts made
+    for the saga's latest terminal status."""
+
+    model_config = ConfigDict(title="Notification")
+
+    status: NotificationStatus
+    attempts: int = Field(ge=0, examples=[1])
+
+
 class SagaOut(BaseModel):
     id: uuid.UUID
     definition: str
@@ -308,6 +333,9 @@ class SagaOut(BaseModel):
     deadline_at: datetime | None
     cancel_requested: bool
     error: SagaError | None
+    notification: NotificationOut | None = Field(
+        description="The completion notification; null when the saga has no `notify` target."
+    )
     steps: list[StepOut]
 
     @classmethod
@@ -327,6 +355,13 @@ class SagaOut(BaseModel):
             deadline_at=view.deadline_at,
             cancel_requested=view.cancel_requested,
             error=view.error,
+            notification=(
+                NotificationOut(
+                    status=view.notification.status, attempts=view.notification.attempts
+                )
+                if view.notification
+                else None
+            ),
             steps=[StepOut(**vars_of(s)) for s in view.steps],
         )
 
@@ -393,7 +428,10 @@ class DeadLetterOut(BaseModel):
     id: uuid.UUID
     saga_id: uuid.UUID
     definition: str
-    step: str
+    step: str | None = Field(
+        description="The step whose action or compensation is parked; null for a "
+        "notification's dead letter (direction `notify`)."
+    )
     direction: str
     service: str | None
     attempts: int

@@ -3,7 +3,8 @@
 A retry runs the parked step or compensation again with fresh attempts and the same
 key: a compensation resumes a `failed` saga's unwinding; a step after the pivot resumes
 a `failed` saga going forward; a non-critical step of a `completed` saga runs again while
-the saga stays completed. Everything else is refused with a reason.
+the saga stays completed; a notification (direction `notify`) is delivered again. Everything
+else is refused with a reason.
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ def plan_retry(
         keep_finished=completed,
         clear_error=not completed,
     )
+
+
+def plan_notify_retry(letter_status: DeadLetterStatus, saga_status: SagaStatus) -> Refusal | None:
+    """None: a notification's dead letter may be retried: the notification is due again
+    at once with fresh attempts and the same key (the saga's status is not touched)."""
+    if letter_status is DeadLetterStatus.RETRIED:
+        return Refusal(True, "already retried")
+    if letter_status is DeadLetterStatus.DISCARDED:
+        return Refusal(False, "the dead letter was discarded")
+    if not saga_status.terminal:
+        return Refusal(
+            False,
+            f"the saga is {saga_status.value}; its notification is armed again when it ends",
+        )
+    return None
 
 
 def plan_discard(letter_status: DeadLetterStatus) -> Refusal | None:

@@ -40,7 +40,7 @@ MAX_JSON_DEPTH = 64
 DEFAULT_RETRY_ON_STATUS = (408, 425, 429, 500, 502, 503, 504)
 DEFAULT_STEP_TIMEOUT = 10.0
 # Headers the orchestrator owns; a definition or service may not override them.
-RESERVED_HEADERS = frozenset(
+RESERVED_HEADERS: frozenset[str] = frozenset(
     {
         "idempotency-key",
         "x-saga-id",
@@ -57,7 +57,7 @@ RESERVED_HEADERS = frozenset(
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["checkout"])]
 # Definition and step fields added after v1, with their defaults (see `content_hash`).
-ADDED_FIELDS: dict[str, Any] = {"exclusive": False}
+ADDED_FIELDS: dict[str, Any] = {"exclusive": False, "notify": None}
 ADDED_STEP_FIELDS: dict[str, Any] = {"callback": None}
 MAX_CALLBACK_TIMEOUT = 604800  # seven days
 
@@ -436,6 +436,11 @@ class DefinitionSpec(Document):
         description="At most one non-terminal saga of this definition per business_key; "
         "a start needs a business_key.",
     )
+    notify: NotifySpec | None = Field(
+        default=None,
+        description="The default completion notification of its sagas (a start's "
+        "`notify` replaces it).",
+    )
 
     def content_hash(self) -> str:
         """Hash of the normalised document (defaults filled in), for idempotent registration.
@@ -495,6 +500,8 @@ def check_definition(
         decision = hosts.written(*url_host_port(strip_refs(url)))
         if decision.refused:
             problems.append(RuleViolation(loc, f"{url!r} is not allowed: {decision.reason}"))
+    if spec.notify is not None:
+        problems.extend(check_notify(spec.notify, ("notify",), known_services, hosts))
     return problems
 
 
@@ -539,3 +546,10 @@ def _check_call(
 
 def is_name(value: str) -> bool:
     return _NAME.fullmatch(value) is not None
+
+
+# The notification target builds on this module's documents; DefinitionSpec refers to it.
+from app.core.notify_spec import NotifySpec as NotifySpec  # noqa: E402
+from app.core.notify_spec import check_notify as check_notify  # noqa: E402
+
+DefinitionSpec.model_rebuild()

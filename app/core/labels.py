@@ -66,6 +66,9 @@ Labels = Annotated[
         description=f"At most {MAX_LABELS} pairs; keys match `{LABEL_KEY_PATTERN}`, values "
         "are 1-255 printable characters.",
         examples=[{"tenant": "acme", "channel": "web"}],
+        # A key outside the pattern is refused too (the schema says so, not only the
+        # validator): without this a generator may send one with any value.
+        json_schema_extra={"additionalProperties": False},
     ),
 ]
 

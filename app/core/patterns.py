@@ -80,5 +80,11 @@ HEADER_VALUE = r"^(?:[!-~](?:[\t -~]*[!-~])?)?$"
 _ATOM = rf"(?:{REF}|[!-~])"
 CALL_HEADER_VALUE = rf"^(?:{_ATOM}(?:(?:{REF}|[\t -~])*{_ATOM})?)?$"
 
+# A completion notification's target: no `${…}` anywhere (it is not rendered).
+_NO_REF = r"(?!.*\$\{)"
+NOTIFY_URL = rf"^{_NO_REF}" + HTTP_URL.removeprefix("^")
+NOTIFY_PATH = rf"^{_NO_REF}/{_VISIBLE}*$"
+NOTIFY_HEADER_VALUE = rf"^{_NO_REF}" + HEADER_VALUE.removeprefix("^")
+
 # A list cursor: what `next_cursor` is (url-safe base64 without padding).
 CURSOR = r"^[A-Za-z0-9_-]{1,512}$"

@@ -9,7 +9,14 @@ from enum import Enum
 from typing import Any
 
 from app.core.definition import DefinitionSpec, ServiceSpec
-from app.core.states import CircuitState, DeadLetterStatus, Direction, SagaStatus, StepStatus
+from app.core.states import (
+    CircuitState,
+    DeadLetterStatus,
+    Direction,
+    NotificationStatus,
+    SagaStatus,
+    StepStatus,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,14 @@ class StepView:
 
 
 @dataclass(frozen=True, slots=True)
+class NotificationView:
+    """A saga's completion notification, as its view shows it."""
+
+    status: NotificationStatus
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class SagaView:
     id: uuid.UUID
     definition: str
@@ -69,6 +84,7 @@ class SagaView:
     steps: list[StepView]
     business_key: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    notification: NotificationView | None = None  # None: the saga has no notify target
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +140,7 @@ class NewSaga:
     traceparent: str | None = None
     business_key: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    notify: dict[str, Any] | None = None  # the effective NotifySpec document
 
 
 class CancelResult(Enum):
@@ -138,8 +155,8 @@ class DeadLetterView:
     id: uuid.UUID
     saga_id: uuid.UUID
     definition: str
-    step: str
-    step_idx: int
+    step: str | None  # None for a notification's dead letter (direction notify)
+    step_idx: int | None
     direction: Direction
     service: str | None
     attempts: int

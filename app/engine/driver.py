@@ -124,6 +124,8 @@ class Host(Protocol):
 
     def finished(self, run: SagaRun, status: SagaStatus) -> None: ...
 
+    def notification_armed(self, run: SagaRun, epoch: int) -> None: ...
+
     def denied(self, run: SagaRun, reason: WaitReason) -> None: ...
 
     def wake_at(self, delay: float) -> None: ...
@@ -211,6 +213,8 @@ class Driver:
             run.prestarted = then
         if commit.saga.status.terminal and commit.saga.status is not was:
             self.host.finished(run, commit.saga.status)
+        if result.notification is not None:
+            self.host.notification_armed(run, result.notification)
         if commit.breaker is not None:
             await self._settle_breaker(commit.breaker, result)
         if commit.saga.next is Next.LATER:

@@ -20,6 +20,7 @@ POINTS = frozenset(
         "after_commit",
         "mid_compensation",
         "while_waiting",  # a callback step's wait was just committed
+        "before_notify",  # the terminal commit landed; its notification is not sent yet
     }
 )
 

@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 from app.core.breaker import Breaker, Passage
 from app.core.commit import BreakerChange, Commit, SagaState
-from app.core.definition import DefinitionSpec, ServiceSpec
+from app.core.definition import DefinitionSpec, NotifySpec, ServiceSpec
 from app.core.outcome import CallResult
 from app.core.requests import HttpRequest
-from app.core.states import Direction, SagaStatus
+from app.core.states import Direction, EventType, NotificationStatus, SagaStatus
 from app.core.views import Pruned
 
 
@@ -104,6 +104,9 @@ class Applied:
     cancel_requested: bool
     breaker_conflict: bool = False  # its breaker change lost a race: decide it again
     next_attempt: int | None = None  # the attempt `then` started with it (None: not started)
+    # The saga became terminal and its completion notification is armed, held by this
+    # worker under this epoch: deliver it now.
+    notification: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,3 +214,84 @@ class Caller(Protocol):
 
 class Clock(Protocol):
     def monotonic(self) -> float: ...
+
+
+# --- completion notifications -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationJob:
+    """A pending notification this worker holds (until `due_at` passes again): its
+    writes are fenced by `epoch`, which every claim (and every re-arm) moves on."""
+
+    saga_id: uuid.UUID
+    epoch: int
+    attempts: int  # made so far
+    saga_status: SagaStatus  # the terminal status being notified
+    notify: NotifySpec
+    db_now: datetime
+
+
+class NotifyRefusal(StrEnum):
+    FENCED = "fenced"  # another worker claimed it, or it was re-armed or settled
+    STALE = "stale"  # the service or its breaker moved: look again
+    NO_SLOT = "no_slot"  # the bulkhead (or the half-open probes) is full
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyStart:
+    """Count an attempt (and, with a `service`, take a bulkhead slot, and a probe slot
+    too for a `PROBE`, only if the service is still at `version` with `breaker`)."""
+
+    service: str | None = None
+    version: int | None = None
+    passage: Passage | None = None
+    breaker: Breaker | None = None
+    breaker_after: Breaker | None = None  # a probe moves open to half-open
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyStarted:
+    attempt: int
+    db_now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyFinish:
+    """What an attempt wrote: the notification's new state, an event, a dead letter."""
+
+    attempt: int
+    status: NotificationStatus
+    delay_seconds: float
+    error: dict[str, Any] | None
+    event: EventType | None
+    status_code: int | None
+    dead_letter: bool
+    service: str | None
+    request: dict[str, Any] | None  # redacted, for the dead letter
+
+
+class Notifications(Protocol):
+    """The executor's reads and writes of completion notifications."""
+
+    async def claim_notifications(self, limit: int) -> list[NotificationJob]: ...
+
+    async def held_notification(self, saga_id: uuid.UUID, epoch: int) -> NotificationJob | None:
+        """The notification the terminal commit armed under `epoch`, if still so."""
+        ...
+
+    async def saga_view(self, saga_id: uuid.UUID) -> bytes | None:
+        """The body of `GET /v1/sagas/{id}`."""
+        ...
+
+    async def start_notification(
+        self, job: NotificationJob, start: NotifyStart
+    ) -> NotifyStarted | NotifyRefusal: ...
+
+    async def renew_notification(self, job: NotificationJob) -> bool: ...
+
+    async def postpone_notification(self, job: NotificationJob, delay_seconds: float) -> bool:
+        """Not attempted now (an open breaker, a full bulkhead): due again later."""
+        ...
+
+    async def finish_notification(self, job: NotificationJob, finish: NotifyFinish) -> bool: ...

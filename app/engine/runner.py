@@ -28,7 +28,8 @@ from app.core.requests import HttpRequest
 from app.core.states import AttemptOutcome, Direction, EventType, SagaStatus, WaitReason
 from app.engine.driver import Driver, LeaseLost, SagaRun
 from app.engine.failpoints import Failpoints
-from app.engine.ports import Caller, Claimed, Lease, Park, SagaRepository
+from app.engine.notifier import NOTIFY_WAKE, Notifier
+from app.engine.ports import Caller, Claimed, Lease, Notifications, Park, SagaRepository
 from app.engine.services import ServiceCache
 from app.logs import describe_error, safe_traceback
 from app.telemetry.metrics import Metrics
@@ -68,6 +69,7 @@ class Executor:
         tracing: Tracing | None = None,
         on_denied: Callable[[Lease, WaitReason], None] | None = None,
         on_finished: Callable[[uuid.UUID], None] | None = None,
+        notifications: Notifications | None = None,
     ) -> None:
         self.repo = repo
         self.caller = caller
@@ -80,6 +82,21 @@ class Executor:
         self.failpoints = Failpoints(config.failpoint)
         self.services = ServiceCache(repo)
         self.driver = Driver(self)
+        self.notifier = (
+            Notifier(
+                notifications,
+                repo,
+                caller,
+                self.services,
+                self.failpoints,
+                self.metrics,
+                config.lease_seconds,
+                config.poll_interval_seconds,
+                config.concurrency,
+            )
+            if notifications is not None
+            else None
+        )
         self.on_denied = on_denied
         self.on_finished = on_finished
         self.running = False
@@ -89,9 +106,13 @@ class Executor:
         self._slot_freed = asyncio.Event()
         self._calls_end: dict[uuid.UUID, float] = {}  # monotonic time each call times out
 
-    def wake(self) -> None:
-        """New work may be due (a notification arrived)."""
+    def wake(self, payload: str = "") -> None:
+        """New work may be due (a notification arrived). Only an operator's retry of a
+        notification's dead letter (payload `notify`) wakes the notification loop: the
+        sagas' own wake-ups cost it nothing, it polls otherwise."""
         self._wake.set()
+        if payload == NOTIFY_WAKE and self.notifier is not None:
+            self.notifier.wake()
 
     def has_room(self) -> bool:
         """Whether this executor runs and can take one more saga now."""
@@ -108,6 +129,11 @@ class Executor:
 
     async def run(self, stop: asyncio.Event) -> None:
         prune_task = asyncio.create_task(self._prune_loop(), name="executor-prune")
+        notify_task = (
+            asyncio.create_task(self.notifier.run(stop), name="executor-notify")
+            if self.notifier is not None
+            else None
+        )
         log.info("executor started", extra={"worker": self.worker_id})
         self.running = True
         try:
@@ -115,7 +141,13 @@ class Executor:
         finally:
             self.running = False
             prune_task.cancel()
+            if notify_task is not None:
+                notify_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await notify_task
             await self._drain()
+            if self.notifier is not None:
+                await self.notifier.drain(self.config.shutdown_grace_seconds)
             await self.repo.close()
             log.info("executor stopped", extra={"worker": self.worker_id})
 
@@ -358,6 +390,11 @@ class Executor:
         self.metrics.sagas_finished.labels(run.claimed.definition_name, status.value).inc()
         if self.on_finished is not None:  # long-polls in this process wake at once
             self.on_finished(run.lease.saga_id)
+
+    def notification_armed(self, run: SagaRun, epoch: int) -> None:
+        """The terminal commit armed the saga's notification for this worker."""
+        if self.notifier is not None:
+            self.notifier.armed(run.lease.saga_id, epoch)
 
     def denied(self, run: SagaRun, reason: WaitReason) -> None:
         if self.on_denied is not None:

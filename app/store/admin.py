@@ -11,11 +11,17 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.deadletters import Refusal, RetryPlan, plan_discard, plan_retry
+from app.core.deadletters import (
+    Refusal,
+    RetryPlan,
+    plan_discard,
+    plan_notify_retry,
+    plan_retry,
+)
 from app.core.states import DeadLetterStatus, Direction, EventType, SagaStatus
 from app.core.views import ActionResult, DeadLetterView
 from app.store.registry import audit
-from app.store.sagas import SAGA_WORK_CHANNEL
+from app.store.sagas import NOTIFY_WAKE, SAGA_WORK_CHANNEL
 from app.store.tables import AdminAudit, DeadLetter, SagaEvent
 
 
@@ -46,6 +52,24 @@ _LOCK = text(
       FROM dead_letters AS dl JOIN sagas AS s ON s.id = dl.saga_id
      WHERE dl.id = :id
        FOR UPDATE OF dl, s
+    """
+)
+
+
+_REARM = text(
+    """
+    UPDATE notifications
+       SET status = 'pending', attempts = 0, epoch = epoch + 1, due_at = now(),
+           last_error = NULL, delivered_at = NULL, updated_at = now()
+     WHERE saga_id = :saga
+    """
+)
+_UNARM = text(
+    """
+    UPDATE notifications
+       SET status = 'pending', attempts = 0, epoch = epoch + 1, due_at = NULL,
+           last_error = NULL, delivered_at = NULL, updated_at = now()
+     WHERE saga_id = :saga
     """
 )
 
@@ -91,6 +115,8 @@ class AdminStore:
             row = (await conn.execute(_LOCK, {"id": dl_id})).first()
             if row is None:
                 return ActionResult.NOT_FOUND, "no such dead letter"
+            if Direction(row.direction) is Direction.NOTIFY:
+                return await self._retry_notification(conn, row, actor)
             plan = plan_retry(
                 DeadLetterStatus(row.status),
                 Direction(row.direction),
@@ -143,9 +169,39 @@ class AdminStore:
             await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": SAGA_WORK_CHANNEL})
         return ActionResult.DONE, "retrying"
 
+    async def _retry_notification(
+        self, conn: AsyncConnection, row: Any, actor: str
+    ) -> tuple[ActionResult, str]:
+        """A notification's dead letter: the notification is due again at once, with
+        fresh attempts and the same key; the saga is not touched."""
+        refused = plan_notify_retry(DeadLetterStatus(row.status), SagaStatus(row.saga_status))
+        if refused is not None:
+            return (ActionResult.ALREADY if refused.already else ActionResult.CONFLICT), (
+                refused.message
+            )
+        await conn.execute(_REARM, {"saga": row.saga_id})
+        await self._resolve(conn, row.id, DeadLetterStatus.RETRIED, actor, None)
+        await conn.execute(
+            insert(SagaEvent).values(
+                saga_id=row.saga_id,
+                type=EventType.DEAD_LETTER_RETRIED,
+                direction=Direction.NOTIFY,
+                message=f"by {actor}",
+            )
+        )
+        await self._audit(conn, actor, "dead_letter.retry", str(row.id), {})
+        await conn.execute(
+            text("SELECT pg_notify(:c, :p)"), {"c": SAGA_WORK_CHANNEL, "p": NOTIFY_WAKE}
+        )
+        return ActionResult.DONE, "retrying"
+
     async def _resume(self, conn: AsyncConnection, saga_id: uuid.UUID, plan: RetryPlan) -> None:
         """The saga goes back to work (a failed one may leave the terminal statuses: on an
-        exclusive definition that needs its business key to be free)."""
+        exclusive definition that needs its business key to be free). A saga that is no
+        longer terminal has its notification pending again, not due: the commit that
+        makes it terminal again arms it."""
+        if not plan.saga_status.terminal:
+            await conn.execute(_UNARM, {"saga": saga_id})
         await conn.execute(
             text(
                 """

@@ -42,7 +42,7 @@ WITH key AS (
   INSERT INTO sagas (id, definition_id, definition_name, definition_version, status, input,
                      idempotency_key, deadline_at, request_id, traceparent, due_at,
                      lease_owner, lease_epoch, lease_expires_at, business_key, labels,
-                     exclusive)
+                     exclusive, notify)
   SELECT %(id)s, %(definition_id)s, %(name)s, %(version)s, 'running', %(input)s, %(key)s,
          now() + make_interval(secs => %(timeout)s), %(request_id)s, %(traceparent)s,
          CASE WHEN %(owner)s::text IS NULL THEN now()
@@ -50,7 +50,7 @@ WITH key AS (
          %(owner)s, CASE WHEN %(owner)s::text IS NULL THEN 0 ELSE 1 END,
          CASE WHEN %(owner)s::text IS NULL THEN NULL
               ELSE now() + make_interval(secs => %(lease)s) END,
-         %(business_key)s, %(labels)s, %(exclusive)s
+         %(business_key)s, %(labels)s, %(exclusive)s, %(notify)s
    WHERE %(key)s::text IS NULL OR EXISTS (SELECT 1 FROM key)
   RETURNING id, created_at, updated_at, deadline_at, now() AS db_now
 ), steps AS (
@@ -83,14 +83,24 @@ SELECT s.id, s.definition_name, s.definition_version, s.status, s.input::text AS
        st.name AS step_name, st.status AS step_status, st.attempts, st.compensation_attempts,
        st.status_code, st.response::text AS response, st.last_error::text AS last_error,
        st.started_at, st.finished_at AS step_finished_at, ct.due_at AS callback_due_at,
-       now() AS db_now
+       now() AS db_now, s.notify IS NOT NULL AS notifies, n.status AS notification_status,
+       n.attempts AS notification_attempts
   FROM sagas AS s JOIN saga_steps AS st ON st.saga_id = s.id
   LEFT JOIN callback_tokens AS ct
     ON st.status = 'waiting' AND ct.saga_id = st.saga_id AND ct.step_idx = st.idx
    AND ct.attempt = st.attempts
+  LEFT JOIN notifications AS n ON n.saga_id = s.id
  WHERE s.id = %(id)s
  ORDER BY st.idx
 """
+
+
+def notification(notifies: bool, status: str | None, attempts: int | None) -> Any:
+    """The view's `notification`: null without a target; pending with no attempts until
+    the saga is terminal and its notification armed."""
+    if not notifies:
+        return None
+    return {"status": status or "pending", "attempts": attempts or 0}
 
 
 def _raw(text: str | None) -> orjson.Fragment:
@@ -141,6 +151,7 @@ class SagaDocuments:
             "business_key": new.business_key,
             "labels": Jsonb(new.labels),
             "exclusive": spec.exclusive,
+            "notify": Jsonb(new.notify) if new.notify is not None else None,
         }
         async with self.pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
             for _ in range(_BUSY_TRIES):
@@ -184,6 +195,7 @@ class SagaDocuments:
             "deadline_at": row.deadline_at,
             "cancel_requested": False,
             "error": None,
+            "notification": notification(new.notify is not None, None, None),
             "steps": [
                 {
                     "name": s.name,
@@ -234,6 +246,9 @@ class SagaDocuments:
             "deadline_at": first.deadline_at,
             "cancel_requested": first.cancel_requested,
             "error": _raw(first.error),
+            "notification": notification(
+                first.notifies, first.notification_status, first.notification_attempts
+            ),
             "steps": [
                 {
                     "name": r.step_name,

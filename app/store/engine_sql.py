@@ -337,6 +337,20 @@ RECORD_CRASH = text(
     """
 )
 
+# A saga parked `failed` by the crash limit (a completed one stays completed and is not
+# notified again): its notification, if it has a target, is due at once, for any executor.
+ARM_NOTIFICATION = text(
+    """
+    INSERT INTO notifications (saga_id, status, saga_status, attempts, due_at)
+    SELECT id, 'pending', status, 0, now() FROM sagas
+     WHERE id = :id AND notify IS NOT NULL AND status = 'failed'
+    ON CONFLICT (saga_id) DO UPDATE
+       SET status = 'pending', saga_status = EXCLUDED.saga_status, attempts = 0,
+           epoch = notifications.epoch + 1, due_at = now(), last_error = NULL,
+           delivered_at = NULL, updated_at = now()
+    """
+)
+
 PARK = text(
     """
     UPDATE sagas SET due_at = NULL,
@@ -388,6 +402,7 @@ COMMIT = text(
        WHERE id = :id AND lease_owner = :worker AND lease_epoch = :epoch AND status = :was
          AND NOT (:unless_cancelled AND cancel_requested AND NOT pivot_locked)
       RETURNING id, definition_name, cancel_requested, pivot_locked, deadline_at,
+                notify IS NOT NULL AS notifies,
                 now() AS db_now
     ), step AS (
       UPDATE saga_steps AS st
@@ -486,11 +501,24 @@ COMMIT = text(
       RETURNING service
     ), note AS (
       SELECT pg_notify(:channel, CAST(saga.id AS text)) FROM saga WHERE :notify
+    ), armed AS (
+      -- The saga becomes terminal with a notification target: its notification is due,
+      -- held by this worker for a lease (it delivers at once; a crash leaves it due).
+      INSERT INTO notifications (saga_id, status, saga_status, attempts, due_at)
+      SELECT saga.id, 'pending', :status, 0,
+             clock_timestamp() + make_interval(secs => :lease)
+        FROM saga WHERE :becomes_terminal AND saga.notifies
+      ON CONFLICT (saga_id) DO UPDATE
+         SET status = 'pending', saga_status = EXCLUDED.saga_status, attempts = 0,
+             epoch = notifications.epoch + 1, due_at = EXCLUDED.due_at, last_error = NULL,
+             delivered_at = NULL, updated_at = now()
+      RETURNING epoch
     )
     SELECT saga.cancel_requested, saga.db_now,
            EXISTS (SELECT 1 FROM breaker) AS breaker_written,
            (SELECT count(*) FROM note) AS notified,
-           (SELECT attempt FROM next_step) AS next_attempt
+           (SELECT attempt FROM next_step) AS next_attempt,
+           (SELECT epoch FROM armed) AS notification_epoch
       FROM saga
     """
 )

@@ -47,10 +47,11 @@ from app.engine.ports import (
     Started,
 )
 from app.store import engine_sql as sql
+from app.store.notifications import PgNotifications
 from app.store.pool import open_pool
 from app.store.registry import Registry, service_spec
 from app.store.retention import Retention
-from app.store.sagas import SAGA_DONE_CHANNEL
+from app.store.sagas import NOTIFY_WAKE, SAGA_DONE_CHANNEL, SAGA_WORK_CHANNEL
 
 
 async def notify(conn: AsyncConnection, channel: str, payload: str) -> None:
@@ -161,7 +162,7 @@ def _next_params(then: StartAttempt | None) -> dict[str, Any]:
     }
 
 
-class PgSagaRepository:
+class PgSagaRepository(PgNotifications):
     """Every statement the executor runs, for one worker."""
 
     def __init__(self, engine: AsyncEngine, worker_id: str, lease_seconds: float) -> None:
@@ -399,6 +400,7 @@ class PgSagaRepository:
             "release": commit.release_slot or write.next is not Next.CONTINUE,
             "channel": SAGA_DONE_CHANNEL,
             "notify": write.status.terminal and write.next is Next.IDLE,
+            "becomes_terminal": write.status.terminal and write.status is not was,
             "events": _json([_event(e) for e in commit.events]),
             **_step_params(commit),
             **_letter_params(commit),
@@ -412,7 +414,14 @@ class PgSagaRepository:
                 return CancelFirst(why.db_now)
             return None
         conflict = commit.breaker is not None and not row.breaker_written
-        return Applied(row.db_now, bool(row.cancel_requested), conflict, row.next_attempt)
+        epoch = row.notification_epoch
+        return Applied(
+            row.db_now,
+            bool(row.cancel_requested),
+            conflict,
+            next_attempt=row.next_attempt,
+            notification=int(epoch) if epoch is not None else None,
+        )
 
     async def _write_breaker(self, conn: AsyncConnection, change: BreakerChange) -> bool:
         before, after = change.before, change.after
@@ -482,6 +491,8 @@ class PgSagaRepository:
                 await conn.execute(sql.PARK, {"id": lease.saga_id, "error": _json(error)})
                 # A parked saga takes no report: its waits are closed.
                 await conn.execute(sql.CLOSE_CALLBACKS, {"id": lease.saga_id})
+                await conn.execute(sql.ARM_NOTIFICATION, {"id": lease.saga_id})
+                await notify(conn, SAGA_WORK_CHANNEL, NOTIFY_WAKE)
                 await conn.execute(
                     sql.INSERT_DEAD_LETTER,
                     {

@@ -1,9 +1,10 @@
 """Retention: deleting sagas that finished long enough ago, with everything of theirs.
 
 A saga is deleted once it is terminal, no executor holds or expects it (`due_at` and
-`lease_owner` empty), it finished before the cutoff, and it has no open dead letter (an
-operator may still retry that one). With it go its steps, its events, its resolved dead
-letters and the idempotency key that started it (when the key still points at it).
+`lease_owner` empty), it finished before the cutoff, it has no open dead letter (an
+operator may still retry that one) and no completion notification still pending. With it
+go its steps, its events, its resolved dead letters, its notification (ON DELETE
+CASCADE) and the idempotency key that started it (when the key still points at it).
 The audit log is kept: it records what people did, not what sagas did.
 
 Work is done in small batches, one transaction each, with a pause between them. The
@@ -37,6 +38,8 @@ SELECT s.id, s.idempotency_key
    AND s.due_at IS NULL AND s.lease_owner IS NULL
    AND NOT EXISTS (SELECT 1 FROM dead_letters AS d
                     WHERE d.saga_id = s.id AND d.status = 'open')
+   AND NOT EXISTS (SELECT 1 FROM notifications AS n
+                    WHERE n.saga_id = s.id AND n.status = 'pending')
 """
 
 _COUNTS = """

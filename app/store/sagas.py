@@ -11,20 +11,29 @@ from sqlalchemy import select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.states import SagaStatus, StepStatus
+from app.core.states import NotificationStatus, SagaStatus, StepStatus
 from app.core.views import (
     CancelResult,
     NewSaga,
+    NotificationView,
     SagaSummary,
     SagaView,
     StartResult,
     StepSummary,
     StepView,
 )
-from app.store.tables import CallbackToken, IdempotencyKey, Saga, SagaEvent, SagaStep
+from app.store.tables import (
+    CallbackToken,
+    IdempotencyKey,
+    Notification,
+    Saga,
+    SagaEvent,
+    SagaStep,
+)
 
 SAGA_WORK_CHANNEL = "saga_work"
 SAGA_DONE_CHANNEL = "saga_done"
+NOTIFY_WAKE = "notify"  # a work wake-up for the notification loops (engine.notifier)
 
 
 def _step_view(row: Any) -> StepView:
@@ -42,6 +51,13 @@ def _step_view(row: Any) -> StepView:
         in_flight=row.in_flight,
         callback_due_at=row.callback_due_at,
     )
+
+
+def _notification(row: Any) -> NotificationView | None:
+    if row.notify is None:
+        return None
+    status = NotificationStatus(row.notification_status or NotificationStatus.PENDING)
+    return NotificationView(status, row.notification_attempts or 0)
 
 
 def _saga_view(row: Any, steps: list[StepView]) -> SagaView:
@@ -62,6 +78,7 @@ def _saga_view(row: Any, steps: list[StepView]) -> SagaView:
         steps=steps,
         business_key=row.business_key,
         labels=row.labels,
+        notification=_notification(row),
     )
 
 
@@ -171,6 +188,7 @@ class SagaStore:
                 # Without a caller's trace, the saga is its own trace: all its calls join it.
                 traceparent=new.traceparent or f"00-{saga_id.hex}-{secrets.token_hex(8)}-01",
                 due_at=text("now()"),
+                notify=new.notify,
             )
         )
         await conn.execute(
@@ -185,7 +203,17 @@ class SagaStore:
 
     async def get(self, saga_id: uuid.UUID) -> SagaView | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(select(Saga).where(Saga.id == saga_id))).first()
+            row = (
+                await conn.execute(
+                    select(
+                        Saga,
+                        Notification.status.label("notification_status"),
+                        Notification.attempts.label("notification_attempts"),
+                    )
+                    .outerjoin(Notification, Notification.saga_id == Saga.id)
+                    .where(Saga.id == saga_id)
+                )
+            ).first()
             if row is None:
                 return None
             due = (

@@ -39,6 +39,7 @@ from app.core.states import (
     Direction,
     ErrorKind,
     EventType,
+    NotificationStatus,
     SagaStatus,
     SlotKind,
     StepStatus,
@@ -236,6 +237,34 @@ class Saga(Base):
     business_key: Mapped[str | None] = mapped_column(Text)
     labels: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     exclusive: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # The completion notification's target with its retry policy (a NotifySpec document),
+    # resolved at start from the request or the definition; NULL: none.
+    notify: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+
+class Notification(Base):
+    """A saga's completion notification, armed by the commit that makes the saga terminal
+    (when it has a target) and delivered by the executors: `due_at` says when one should
+    next try (held by a lease while one delivers); `epoch` fences each claim's writes."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        Index("ix_notifications_due", "due_at", postgresql_where=text("status = 'pending'")),
+    )
+
+    saga_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("sagas.id", ondelete="CASCADE"), primary_key=True
+    )
+    status: Mapped[NotificationStatus] = mapped_column(
+        status_enum(NotificationStatus, "notification_status")
+    )
+    saga_status: Mapped[SagaStatus] = mapped_column(status_enum(SagaStatus, "saga_status"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    epoch: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    due_at: Mapped[datetime | None] = tstz(nullable=True)
+    last_error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    delivered_at: Mapped[datetime | None] = tstz(nullable=True)
+    updated_at: Mapped[datetime] = tstz(default_now=True)
 
 
 class SagaStep(Base):
@@ -338,6 +367,13 @@ class DeadLetter(Base):
             unique=True,
             postgresql_where=text("status = 'open'"),
         ),
+        # A notification's dead letter has no step: at most one open per saga.
+        Index(
+            "uq_dead_letters_open_notify",
+            "saga_id",
+            unique=True,
+            postgresql_where=text("status = 'open' AND direction = 'notify'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -345,8 +381,9 @@ class DeadLetter(Base):
         UUID(as_uuid=True), ForeignKey("sagas.id", ondelete="CASCADE")
     )
     definition_name: Mapped[str] = mapped_column(Text)
-    step_idx: Mapped[int] = mapped_column(SmallInteger)
-    step_name: Mapped[str] = mapped_column(Text)
+    # NULL for a notification's dead letter (direction `notify`): it has no step.
+    step_idx: Mapped[int | None] = mapped_column(SmallInteger)
+    step_name: Mapped[str | None] = mapped_column(Text)
     direction: Mapped[Direction] = mapped_column(status_enum(Direction, "direction"))
     service: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer)

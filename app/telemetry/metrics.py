@@ -43,6 +43,12 @@ class Metrics:
             ["service", "direction", "outcome"],
             registry=r,
         )
+        self.notification_attempts = Counter(
+            "saga_notification_attempts",
+            "Completion notification delivery attempts, by outcome.",
+            ["service", "outcome"],
+            registry=r,
+        )
         self.latency = Histogram(
             "saga_step_latency_seconds",
             "Participant call latency.",

@@ -55,9 +55,14 @@ class Catalog:
         wanted = {
             s.service for st in spec.steps for s in (st.action, st.compensation) if s and s.service
         }
+        if spec.notify is not None and spec.notify.service is not None:
+            wanted.add(spec.notify.service)
         known = await self.registry.service_names(wanted)
         violations = check_definition(spec, known, self.hosts)
-        for loc, url in call_urls(spec):  # names no DNS pattern names: resolved now
+        urls = call_urls(spec)
+        if spec.notify is not None and spec.notify.url is not None:
+            urls.append((("notify", "url"), spec.notify.url))
+        for loc, url in urls:  # names no DNS pattern names: resolved now
             host, port = url_host_port(strip_refs(url))
             if self.hosts.written(host, port).verdict is Verdict.CHECK_ADDRESSES:
                 refused = await check_url(self.hosts, host, port)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from app.core.definition import NotifySpec, RuleViolation, check_notify
+from app.core.hosts import HostPolicy, Verdict, url_host_port
 from app.core.labels import label_filters, printable_problem
 from app.core.states import SagaStatus
 from app.core.views import (
@@ -24,6 +26,7 @@ from app.core.views import (
     SagaView,
     StartResult,
 )
+from app.participants.network import check_url
 from app.store.admin import AdminStore
 from app.store.documents import SagaDocuments
 from app.store.listen import SagaWaiters
@@ -47,6 +50,7 @@ class StartRequest:
     fail_fast: bool = False
     business_key: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    notify: NotifySpec | None = None  # replaces the definition's default
 
 
 def fingerprint(request: StartRequest) -> str:
@@ -62,6 +66,8 @@ def fingerprint(request: StartRequest) -> str:
         bound["business_key"] = request.business_key
     if request.labels:
         bound["labels"] = request.labels
+    if request.notify is not None:
+        bound["notify"] = request.notify.model_dump(mode="json")
     canonical = json.dumps(
         bound,
         sort_keys=True,
@@ -105,6 +111,7 @@ class Sagas:
         waiters: SagaWaiters,
         key_ttl_seconds: float,
         local: LocalExecutor | None = None,
+        hosts: HostPolicy | None = None,
     ) -> None:
         self.store = store
         self.documents = documents
@@ -113,6 +120,7 @@ class Sagas:
         self.waiters = waiters
         self.key_ttl_seconds = key_ttl_seconds
         self.local = local
+        self.hosts = hosts or HostPolicy.parse("*")
 
     async def start(self, request: StartRequest) -> tuple[StartResult, SagaDocument]:
         """Create a saga (or find the one this Idempotency-Key created).
@@ -173,6 +181,9 @@ class Sagas:
                     slug="circuit-open",
                     headers={"Retry-After": str(max(1, math.ceil(wait)))},
                 )
+        notify = request.notify or definition.spec.notify
+        if request.notify is not None:
+            await self._check_notify(request.notify)
         trace = request.traceparent
         new = NewSaga(
             definition=definition,
@@ -184,6 +195,7 @@ class Sagas:
             traceparent=trace if trace and _TRACEPARENT.match(trace) else None,
             business_key=request.business_key,
             labels=request.labels,
+            notify=notify.model_dump(mode="json") if notify is not None else None,
         )
         handoff = self.local.handoff() if self.local else None
         result, created = await self.documents.start(new, handoff)
@@ -195,7 +207,7 @@ class Sagas:
             raise Problem(
                 422,
                 "this Idempotency-Key was used with a different definition, input, "
-                "business_key or labels",
+                "business_key or labels (or notify target)",
                 slug="idempotency-key-reused",
             )
         if result is StartResult.BUSY:
@@ -207,6 +219,30 @@ class Sagas:
                 headers={"Location": f"/v1/sagas/{created}"},
             )
         return result, await self.document(created)
+
+    async def _check_notify(self, notify: NotifySpec) -> None:
+        """A start's own notification target: a registered service, an allowed host (422)."""
+        known = await self.registry.service_names({notify.service} if notify.service else set())
+        violations = check_notify(notify, ("body", "notify"), known, self.hosts)
+        slug = "host-not-allowed" if any(v.loc[-1] == "url" for v in violations) else None
+        if not violations and notify.url is not None:
+            host, port = url_host_port(notify.url)
+            if self.hosts.written(host, port).verdict is Verdict.CHECK_ADDRESSES:
+                refused = await check_url(self.hosts, host, port)
+                if refused:
+                    slug = "host-not-allowed"
+                    violations.append(
+                        RuleViolation(("body", "notify", "url"), f"url is not allowed: {refused}")
+                    )
+        if violations:
+            raise Problem(
+                422,
+                "; ".join(v.msg for v in violations),
+                slug=slug or "invalid-notify",
+                errors=[
+                    {"loc": list(v.loc), "msg": v.msg, "type": "value_error"} for v in violations
+                ],
+            )
 
     async def document(self, saga_id: uuid.UUID) -> SagaDocument:
         """The saga's view as the API answers it."""

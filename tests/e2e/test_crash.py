@@ -451,3 +451,50 @@ async def test_kill_while_waiting_for_callbacks_then_report_to_a_new_process(
     # At least the four waits committed before the kill were never called again.
     once = [s for s in ids if sum(c.headers["x-saga-id"] == s for c in waits.to("/pay")) == 1]
     assert len(once) >= 4 and calls_at_kill, (once, calls_at_kill)
+
+
+# --- completion notifications ----------------------------------------------------------
+
+
+async def test_notification_redelivered_after_a_crash_between_commit_and_delivery(
+    launcher: Launcher, participant: TrackingParticipant
+) -> None:
+    """The worker whose commit made the saga terminal is killed before it delivers the
+    notification: another worker delivers it, with the same Idempotency-Key, and the
+    saga's status is what the commit wrote."""
+    receiver = Participant()
+    async with serve(receiver.app) as hooks_url:
+        api = await launcher.start_ready("api", "api")
+        async with client_for(api) as client:
+            await register(client, participant)
+            notify = {"url": f"{hooks_url}/hooks", "retry": {"initial_interval_seconds": 0.1}}
+            r = await client.post(
+                "/v1/sagas",
+                json={"definition": OK_DEF, "input": {"n": 1}, "notify": notify},
+                headers={"Idempotency-Key": "crash-notify"},
+            )
+            assert r.status_code == 201, r.text
+            saga_id = r.json()["id"]
+            doomed = launcher.start(
+                "worker", "doomed", SAGA_FAILPOINT="before_notify", SAGA_WORKER_CONCURRENCY=1
+            )
+            assert await doomed.wait_exit(60) == -signal.SIGKILL, doomed.output()
+            assert "failpoint before_notify: killing process" in doomed.output()
+            r = await client.get(f"/v1/sagas/{saga_id}")
+            assert r.json()["status"] == "completed"
+            assert r.json()["notification"] == {"status": "pending", "attempts": 0}
+            assert receiver.calls == []
+
+            launcher.start("worker", "fresh")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                saga = (await client.get(f"/v1/sagas/{saga_id}")).json()
+                if saga["notification"]["status"] != "pending":
+                    break
+                await asyncio.sleep(0.1)
+        assert saga["status"] == "completed"
+        assert saga["notification"] == {"status": "delivered", "attempts": 1}, saga
+        (delivery,) = receiver.to("/hooks")
+        assert delivery.headers["idempotency-key"] == f"{saga_id}:notify"
+        assert delivery.headers["x-saga-status"] == "completed"
+        assert delivery.body["id"] == saga_id and delivery.body["status"] == "completed"

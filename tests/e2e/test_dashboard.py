@@ -661,6 +661,7 @@ async def test_search_sagas_by_business_key_and_labels(
                 "input": {"order": 1},
                 "business_key": key,
                 "labels": labels,
+                "notify": {"url": f"{participant.url}/hooks"},
             },
         )
         assert r.status_code == 201, r.text
@@ -697,6 +698,8 @@ async def test_search_sagas_by_business_key_and_labels(
     assert (await dash.page.locator("#business-key").text_content() or "") == "order-1"
     labels = await dash.page.locator("#labels").text_content() or ""
     assert "channel:web" in labels and "tenant:acme" in labels, labels
+    note = await dash.page.locator("#notification").text_content() or ""
+    assert "Notification:" in note and ("delivered" in note or "pending" in note), note
     await dash.page.locator("#labels a", has_text="tenant:acme").click()
     await dash.page.wait_for_url("**/admin/sagas?label=**")
     assert await shown() == {"order-1", "order-2"}

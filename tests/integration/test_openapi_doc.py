@@ -262,7 +262,12 @@ RULES = {
     ("GET /v1/sagas/{saga_id}/events", "400"): {"bad-cursor"},
     ("GET /v1/admin/dead-letters", "400"): {"bad-cursor"},
     ("GET /v1/admin/audit", "400"): {"bad-cursor"},
-    ("POST /v1/sagas", "422"): {"unknown-definition", "idempotency-key-reused"},
+    ("POST /v1/sagas", "422"): {
+        "unknown-definition",
+        "idempotency-key-reused",
+        "invalid-notify",
+        "host-not-allowed",
+    },
     ("PUT /v1/services/{name}", "422"): {"host-not-allowed"},
     ("POST /v1/definitions", "422"): {"invalid-definition", "retry-intervals"},
 }
@@ -344,6 +349,19 @@ async def test_errors_and_calls_have_schemas(doc: dict[str, Any]) -> None:
     assert shapes == ["ServiceCall", "UrlCall"]
     assert set(schemas["ServiceCall"]["required"]) == {"service", "path"}
     assert set(schemas["UrlCall"]["required"]) == {"url"}
+    # A notification target likewise; the saga view says how its notification went.
+    targets = [ref["$ref"].rsplit("/", 1)[1] for ref in schemas["NotifySpec"]["oneOf"]]
+    assert targets == ["ServiceNotify", "UrlNotify"]
+    assert set(schemas["ServiceNotify"]["required"]) == {"service", "path"}
+    assert set(schemas["UrlNotify"]["required"]) == {"url"}
+    assert "method" not in schemas["UrlNotify"]["properties"]
+    note = schemas["SagaOut"]["properties"]["notification"]
+    assert {"$ref": "#/components/schemas/NotificationOut"} in note["anyOf"], note
+    assert set(schemas["NotificationStatus"]["enum"]) == {
+        "pending",
+        "delivered",
+        "failed",
+    }
     assert schemas["ServiceCall"]["properties"]["url"]["type"] == "null"
     for shape in shapes:
         assert {"method", "headers", "body"} <= set(schemas[shape]["properties"]), shape

@@ -8,6 +8,7 @@ staged without leaving the machine.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from app.core.hosts import IPAddress
 from app.main import create_app
 from app.participants.client import ParticipantClient
-from tests.conftest import make_settings
+from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.support.api_helpers import assert_problem
 from tests.support.engine_helpers import define, put_service, run, step, step_of
 from tests.support.servers import Participant, Reply, serve
@@ -238,3 +239,56 @@ async def test_traversal_payloads_stay_in_their_segment(
     assert saga["status"] == "completed", saga
     (call,) = participant.calls
     assert call.raw_path == raw, call.raw_path
+
+
+# --- completion notifications ----------------------------------------------------------
+
+
+async def test_a_notify_target_the_policy_refuses_is_refused_at_start(
+    orchestrator_with: Orchestrator, participant_port: tuple[Participant, int]
+) -> None:
+    participant, _port = participant_port
+    async with orchestrator_with("127.0.0.1") as client:
+        await put_service(client, participant.url)
+        await define(client, "n", [step("a")])
+        for url in ("http://169.254.169.254/latest", "http://10.0.0.5/hooks"):
+            r = await client.post("/v1/sagas", json={"definition": "n", "notify": {"url": url}})
+            problem = assert_problem(r, 422)
+            assert problem["type"].endswith("host-not-allowed"), problem
+            assert ["body", "notify", "url"] in [e["loc"] for e in problem["errors"]]
+        doc = {"name": "m", "steps": [step("a")], "notify": {"url": "http://10.0.0.5/h"}}
+        assert_problem(await client.post("/v1/definitions", json=doc), 422)
+
+
+async def test_a_notify_target_resolving_to_a_refused_address_fails_without_a_crash(
+    orchestrator_with: Orchestrator, participant_port: tuple[Participant, int]
+) -> None:
+    participant, port = participant_port
+    resolver = Resolver({"hooks.example.test": [[METADATA]]})
+    async with orchestrator_with("*", resolver) as client:
+        await put_service(client, participant.url)
+        await define(client, "n", [step("a")])
+        notify = {"url": f"http://hooks.example.test:{port}/hooks"}
+        r = await client.post("/v1/sagas", json={"definition": "n", "notify": notify})
+        assert r.status_code == 201, r.text
+        saga_id = r.json()["id"]
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            saga = (await client.get(f"/v1/sagas/{saga_id}")).json()
+            if saga["notification"]["status"] != "pending":
+                break
+            assert asyncio.get_running_loop().time() < deadline, saga
+            await asyncio.sleep(0.1)
+        assert saga["status"] == "completed"
+        assert saga["notification"] == {"status": "failed", "attempts": 1}
+        assert participant.to("/hooks") == [], "nothing may be sent to a refused address"
+        r = await client.get(
+            "/v1/admin/dead-letters", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        (letter,) = [d for d in r.json()["items"] if d["saga_id"] == saga_id]
+        assert letter["direction"] == "notify"
+        assert letter["last_error"]["kind"] == "blocked", letter
+        # The executor goes on: the next saga is served.
+        r = await client.post("/v1/sagas", json={"definition": "n"})
+        after = await client.get(f"/v1/sagas/{r.json()['id']}", params={"wait_seconds": 10})
+        assert after.json()["status"] == "completed"
