@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
 import httpx
 from tenacity import (
@@ -61,17 +61,16 @@ class Started:
     replayed: bool
 
 
-class SagaClient:
-    """Async client; use as `async with SagaClient(url, token) as client: ...`."""
+class _Http:
+    """One pooled HTTP client with the retries every call here shares: connection errors
+    and 502/503/504 are tried again for `retry_for` seconds; any other 4xx/5xx raises
+    `ApiError` with the problem document."""
 
-    def __init__(
-        self, base_url: str, token: str | None = None, retry_for_seconds: float = 30.0
-    ) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=40.0)
+    def __init__(self, http: httpx.AsyncClient, retry_for_seconds: float) -> None:
+        self._http = http
         self._retry_for = retry_for_seconds
 
-    async def __aenter__(self) -> SagaClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -80,7 +79,7 @@ class SagaClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_transient),
             wait=wait_random_exponential(multiplier=0.2, max=3),
@@ -88,7 +87,7 @@ class SagaClient:
             reraise=True,
         ):
             with attempt:
-                response = await self._http.request(method, path, **kwargs)
+                response = await self._http.request(method, url, **kwargs)
                 if response.status_code >= 400:
                     try:
                         problem = response.json()
@@ -97,6 +96,17 @@ class SagaClient:
                     raise ApiError(response.status_code, problem, response.headers.get("Location"))
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+class SagaClient(_Http):
+    """Async client; use as `async with SagaClient(url, token) as client: ...`."""
+
+    def __init__(
+        self, base_url: str, token: str | None = None, retry_for_seconds: float = 30.0
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=40.0)
+        super().__init__(http, retry_for_seconds)
 
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Any call, with the same retries; the answer's JSON body. Only for calls that
@@ -229,7 +239,7 @@ def report_body(status: str, response: Any = None, error: str | None = None) -> 
     raise ValueError(f"status is 'succeeded' or 'failed', not {status!r}")
 
 
-class CallbackReporter:
+class CallbackReporter(_Http):
     """Reports callback steps' outcomes, for participants: one pooled HTTP client for
     every report; use as `async with CallbackReporter() as reporter: ...`.
 
@@ -240,17 +250,7 @@ class CallbackReporter:
     """
 
     def __init__(self, retry_for_seconds: float = 30.0, timeout: float = 10.0) -> None:
-        self._http = httpx.AsyncClient(timeout=timeout)
-        self._retry_for = retry_for_seconds
-
-    async def __aenter__(self) -> CallbackReporter:
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
+        super().__init__(httpx.AsyncClient(timeout=timeout), retry_for_seconds)
 
     async def report(
         self,
@@ -265,23 +265,9 @@ class CallbackReporter:
         taken for the attempt, or its wait is over (timed out: the retry carries a new
         URL, report there; or the saga was cancelled or passed its deadline)."""
         body = report_body(status, response, error)
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_transient),
-            wait=wait_random_exponential(multiplier=0.2, max=3),
-            stop=stop_after_delay(self._retry_for),
-            reraise=True,
-        ):
-            with attempt:
-                answer = await self._http.post(callback_url, json=body)
-                if answer.status_code >= 400:
-                    try:
-                        problem = answer.json()
-                    except ValueError:
-                        problem = {"detail": answer.text}
-                    raise ApiError(answer.status_code, problem)
-                result: dict[str, Any] = answer.json()
-                return result
-        raise AssertionError("unreachable")  # pragma: no cover
+        answer = await self._request("POST", callback_url, json=body)
+        result: dict[str, Any] = answer.json()
+        return result
 
 
 async def report(
