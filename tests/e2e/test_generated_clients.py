@@ -101,6 +101,7 @@ async def test_generated_python_client_runs_the_quickstart(
     package = generated()
     assert sorted(p.name for p in (tmp_path / PACKAGE / "api").iterdir() if p.is_dir()) == [
         "admin",
+        "callbacks",
         "definitions",
         "operations",
         "sagas",
