@@ -12,7 +12,6 @@ breaker as any call's does. What a result means is `app.core.notify`'s to say.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -41,6 +40,7 @@ from app.engine.ports import (
     ServiceView,
 )
 from app.engine.services import ServiceCache
+from app.engine.waiting import renewing, sleep_or_stop
 from app.logs import describe_error, known_secrets, safe_traceback
 from app.telemetry.metrics import Metrics
 
@@ -139,19 +139,19 @@ class Notifier:
                     log.log(
                         level, "notification claim failed", extra={"error": describe_error(exc)}
                     )
-                    await _sleep_or_stop(stop, error_delay)
+                    await sleep_or_stop(stop, error_delay)
                     error_delay = min(error_delay * 2, 5.0)
                     continue
                 for job in jobs:
                     self._spawn(self.deliver(job))
                 if jobs and len(jobs) == free:
-                    await _sleep_or_stop(stop, MIN_CLAIM_SPACING_SECONDS)
+                    await sleep_or_stop(stop, MIN_CLAIM_SPACING_SECONDS)
                     continue
                 if jobs:
                     wait = self.poll_interval_seconds
             else:
                 wait = self.poll_interval_seconds  # deliveries under way: look again soon
-            await _sleep_or_stop(stop, MIN_CLAIM_SPACING_SECONDS)
+            await sleep_or_stop(stop, MIN_CLAIM_SPACING_SECONDS)
             waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
             try:
                 await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
@@ -307,20 +307,10 @@ class Notifier:
             breaker = now
 
     async def _with_lease(self, job: NotificationJob, call: Awaitable[T]) -> T:
-        """Await the call, holding the notification (and its slot) while it is in flight."""
-        task = asyncio.ensure_future(call)
-        interval = max(self.lease_seconds / 3, 0.1)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=interval)
-                if done:
-                    return task.result()
-                await self.store.renew_notification(job)
-        finally:
-            if not task.done():
-                task.cancel()
+        """Await the call, holding the notification (and its slot) while it is in flight
+        (a hold lost meanwhile is caught by the fenced finish)."""
 
+        async def renew() -> None:
+            await self.store.renew_notification(job)
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        return await renewing(call, max(self.lease_seconds / 3, 0.1), renew)

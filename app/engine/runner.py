@@ -31,6 +31,7 @@ from app.engine.failpoints import Failpoints
 from app.engine.notifier import NOTIFY_WAKE, Notifier
 from app.engine.ports import Caller, Claimed, Lease, Notifications, Park, SagaRepository
 from app.engine.services import ServiceCache
+from app.engine.waiting import renewing, sleep_or_stop
 from app.logs import describe_error, safe_traceback
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import Tracing
@@ -165,7 +166,7 @@ class Executor:
                     if not self.repo.outage(exc):
                         raise
                     log.warning("claim failed", extra={"error": describe_error(exc)})
-                    await _sleep_or_stop(stop, error_delay)
+                    await sleep_or_stop(stop, error_delay)
                     error_delay = min(error_delay * 2, 5.0)
                     continue
                 self.failpoints.hit("while_claiming")
@@ -334,20 +335,16 @@ class Executor:
 
     async def _with_lease(self, lease: Lease, call: Awaitable[T], call_seconds: float) -> T:
         """Await a participant call, renewing the lease while it is in flight."""
-        task = asyncio.ensure_future(call)
-        interval = max(self.config.lease_seconds / 3, 0.1)
+
+        async def renew() -> None:
+            if not await self.repo.renew(lease):
+                raise LeaseLost
+
         self._calls_end[lease.saga_id] = time.monotonic() + call_seconds
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=interval)
-                if done:
-                    return task.result()
-                if not await self.repo.renew(lease):
-                    raise LeaseLost
+            return await renewing(call, max(self.config.lease_seconds / 3, 0.1), renew)
         finally:
             self._calls_end.pop(lease.saga_id, None)
-            if not task.done():
-                task.cancel()
 
     def observed(
         self,
@@ -413,8 +410,3 @@ async def _wait_any(waits: list[Awaitable[Any]], within: float) -> None:
     finally:
         for t in tasks:
             t.cancel()
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
