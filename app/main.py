@@ -30,6 +30,7 @@ from app.api.auth import Tokens
 from app.api.context import AppContext
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, V1GuardMiddleware
 from app.core.commit import SagaState, StepState
+from app.core.definition import DefinitionSpec
 from app.core.states import SagaStatus, StepStatus, WaitReason
 from app.core.views import Handoff, NewSaga, SagaDocument
 from app.dashboard import routes as dashboard_routes
@@ -139,18 +140,20 @@ def build_executor(
 
 class LocalHandoff:
     """`serve`: the API hands each new saga to the executor of its own process, leased
-    to it in the very statement that creates the saga, so no claim and no notification
-    stand between a start and its first call."""
+    to it in the very statement that creates the saga (with its first attempt started
+    there too, when it can be), so no claim and no notification stand between a start
+    and its first call."""
 
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
 
-    def handoff(self) -> Handoff | None:
+    def handoff(self, spec: DefinitionSpec) -> Handoff | None:
         if not self.executor.has_room():
             return None  # it is claimed by whichever executor has room, as usual
-        return Handoff(self.executor.worker_id, self.executor.config.lease_seconds)
+        first = self.executor.driver.first_attempt(spec)
+        return Handoff(self.executor.worker_id, self.executor.config.lease_seconds, first)
 
-    def adopt(self, new: NewSaga, document: SagaDocument) -> None:
+    def adopt(self, new: NewSaga, document: SagaDocument, handoff: Handoff) -> None:
         spec = new.definition.spec
         assert document.db_now is not None
         state = SagaState(
@@ -169,7 +172,11 @@ class LocalHandoff:
             state=state,
             db_now=document.db_now,
         )
-        self.executor.adopt(claimed, spec)
+        first = handoff.first if document.first_attempt else None
+        self.executor.adopt(claimed, spec, first.prepared if first is not None else None)
+
+    def holds(self, saga_id: uuid.UUID) -> bool:
+        return self.executor.holds(saga_id)
 
 
 async def run_executor_until(

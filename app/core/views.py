@@ -127,6 +127,7 @@ class StartResult(Enum):
     REPLAYED = "replayed"
     MISMATCH = "mismatch"
     BUSY = "busy"  # exclusive definition: another non-terminal saga holds the business key
+    STALE = "stale"  # a newer version of the definition exists than the one asked to start
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,7 @@ class NewSaga:
     business_key: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     notify: dict[str, Any] | None = None  # the effective NotifySpec document
+    latest: bool = False  # `definition` is the latest version as last known: checked at start
 
 
 class CancelResult(Enum):
@@ -187,6 +189,20 @@ class SagaDocument:
     db_now: datetime | None = None
     deadline_at: datetime | None = None  # known when the document comes from the start
     traceparent: str | None = None
+    first_attempt: bool = False  # the start also started the first step's first attempt
+
+
+@dataclass(frozen=True, slots=True)
+class FirstAttempt:
+    """The first step's first attempt, started by the statement that creates the saga
+    when its guards hold: for a `service`, still at `version` with its breaker closed and
+    a bulkhead slot free (None: a URL call, no guard). `prepared` is the executor's own
+    record of it, handed back when it adopts the saga."""
+
+    step_name: str
+    service: str | None = None
+    version: int | None = None
+    prepared: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +211,7 @@ class Handoff:
 
     worker: str
     lease_seconds: float
+    first: FirstAttempt | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import random
 import secrets
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from app.core.breaker import Breaker, Passage, after_call, gate, recheck_after
@@ -39,6 +39,7 @@ from app.core.outcome import CallFailure, CallResult, Outcome, classify
 from app.core.requests import HttpRequest, build_request
 from app.core.states import Direction, SagaStatus, StepStatus, WaitReason
 from app.core.templates import RenderContext, TemplateError
+from app.core.views import FirstAttempt
 from app.core.waits import WaitEnd, accepted, accepts, end_wait, keep_waiting, wait_over
 from app.engine.failpoints import Failpoints
 from app.engine.ports import (
@@ -407,14 +408,29 @@ class Driver:
 
     def _next_start(self, run: SagaRun, commit: Commit) -> Prestarted | None:
         """The attempt that follows `commit` at once, when it can start in the same
-        statement: another step's call, not the pivot, and for a service one whose
-        breaker this process last saw closed (the statement checks it is still so)."""
+        statement: another step's call (see `_prestart`)."""
         if commit.saga.next is not Next.CONTINUE or commit.saga.status.terminal:
             return None
         follow = next_action(run.spec, apply(run.state, commit), run.db_now)
         if not isinstance(follow, Call) or (commit.step and commit.step.index == follow.index):
             return None
-        step_spec = run.spec.steps[follow.index]
+        return self._prestart(run.spec, follow, run.db_now)
+
+    def first_attempt(self, spec: DefinitionSpec) -> FirstAttempt | None:
+        """The first step's first attempt, to start in the statement that creates the
+        saga (see `_prestart`; not a callback step: its token is made with its start)."""
+        if spec.steps[0].callback is not None:
+            return None
+        pre = self._prestart(spec, Call(0, Direction.ACTION), datetime.now(UTC))
+        if pre is None:
+            return None
+        return FirstAttempt(pre.start.step_name, pre.start.service, pre.start.version, pre)
+
+    def _prestart(self, spec: DefinitionSpec, follow: Call, now: datetime) -> Prestarted | None:
+        """`follow`, when it can start in the statement that writes what comes before it:
+        not the pivot, and for a service one whose breaker this process last saw closed
+        (the statement checks it is still so, at the same version, with a free slot)."""
+        step_spec = spec.steps[follow.index]
         forward = follow.direction is Direction.ACTION
         call_spec = step_spec.action if forward else step_spec.compensation
         if call_spec is None or (forward and step_spec.pivot):
@@ -424,7 +440,7 @@ class Driver:
             view = self.host.services.peek(call_spec.service)
             if view is None:
                 return None
-            decision = gate(view.spec.circuit_breaker, view.breaker, run.db_now)
+            decision = gate(view.spec.circuit_breaker, view.breaker, now)
             if decision.passage is not Passage.CALL:
                 return None
             breaker = decision.breaker

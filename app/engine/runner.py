@@ -26,7 +26,7 @@ from app.core.definition import DefinitionSpec
 from app.core.outcome import CallResult, Outcome
 from app.core.requests import HttpRequest
 from app.core.states import AttemptOutcome, Direction, EventType, SagaStatus, WaitReason
-from app.engine.driver import Driver, LeaseLost, SagaRun
+from app.engine.driver import Driver, LeaseLost, Prestarted, SagaRun
 from app.engine.failpoints import Failpoints
 from app.engine.notifier import NOTIFY_WAKE, Notifier
 from app.engine.ports import Caller, Claimed, Lease, Notifications, Park, SagaRepository
@@ -103,6 +103,7 @@ class Executor:
         self.running = False
         self._definitions: dict[int, DefinitionSpec] = {}
         self._tasks: dict[asyncio.Task[None], Lease] = {}
+        self._unfinished: set[uuid.UUID] = set()  # driven here, not ended by this process
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._calls_end: dict[uuid.UUID, float] = {}  # monotonic time each call times out
@@ -119,12 +120,25 @@ class Executor:
         """Whether this executor runs and can take one more saga now."""
         return self.running and len(self._tasks) < self.config.concurrency
 
-    def adopt(self, claimed: Claimed, spec: DefinitionSpec) -> None:
-        """Drive a saga this process just created and leased to itself (no claim)."""
+    def adopt(self, claimed: Claimed, spec: DefinitionSpec, first: object = None) -> None:
+        """Drive a saga this process just created and leased to itself (no claim);
+        `first`: the `FirstAttempt.prepared` its creating statement started."""
         self._definitions.setdefault(claimed.definition_id, spec)
-        task = asyncio.create_task(self._run_saga(claimed))
+        prestarted = first if isinstance(first, Prestarted) else None
+        if prestarted is not None:
+            prestarted.attempt = 1
+        self._start_task(claimed, prestarted)
+
+    def holds(self, saga_id: uuid.UUID) -> bool:
+        """Whether a task of this executor drives the saga and has not ended it."""
+        return saga_id in self._unfinished
+
+    def _start_task(self, claimed: Claimed, prestarted: Prestarted | None = None) -> None:
+        saga_id = claimed.lease.saga_id
+        self._unfinished.add(saga_id)
+        task = asyncio.create_task(self._run_saga(claimed, prestarted))
         self._tasks[task] = claimed.lease
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda t: self._task_done(t, saga_id))
 
     # --- main loop ---------------------------------------------------------------------
 
@@ -171,9 +185,7 @@ class Executor:
                     continue
                 self.failpoints.hit("while_claiming")
                 for one in claimed:
-                    task = asyncio.create_task(self._run_saga(one))
-                    self._tasks[task] = one.lease
-                    task.add_done_callback(self._task_done)
+                    self._start_task(one)
             if claimed and len(claimed) == free:
                 continue  # probably more due work; claim again once a slot frees
             if free <= 0:
@@ -183,8 +195,9 @@ class Executor:
                 waits = [self._wake.wait(), stop.wait()]
             await _wait_any(waits, within=self.config.poll_interval_seconds)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[None], saga_id: uuid.UUID) -> None:
         self._tasks.pop(task, None)
+        self._unfinished.discard(saga_id)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
@@ -241,14 +254,15 @@ class Executor:
 
     # --- one saga ----------------------------------------------------------------------
 
-    async def _run_saga(self, claimed: Claimed) -> None:
+    async def _run_saga(self, claimed: Claimed, prestarted: Prestarted | None = None) -> None:
         run: SagaRun | None = None
         saga_id = str(claimed.lease.saga_id)
         try:
             spec = await self._definition(claimed.definition_id)
-            run = SagaRun(claimed, spec, claimed.state, claimed.db_now)
+            run = SagaRun(claimed, spec, claimed.state, claimed.db_now, prestarted)
             await self.driver.drive(run)
         except LeaseLost:
+            self._unfinished.discard(claimed.lease.saga_id)
             log.info("lease lost", extra={"saga_id": saga_id, "worker": self.worker_id})
         except Exception as exc:
             if self.repo.outage(exc):
@@ -261,6 +275,7 @@ class Executor:
                 return
             # Not a participant's doing (those are outcomes) nor an outage: a bug or data
             # the engine cannot handle. Never let the saga be claimed into it forever.
+            self._unfinished.discard(claimed.lease.saga_id)  # it may be parked, terminal
             await self._crashed(claimed, run, exc)
 
     async def _crashed(self, claimed: Claimed, run: SagaRun | None, exc: Exception) -> None:
@@ -384,6 +399,7 @@ class Executor:
         )
 
     def finished(self, run: SagaRun, status: SagaStatus) -> None:
+        self._unfinished.discard(run.lease.saga_id)
         self.metrics.sagas_finished.labels(run.claimed.definition_name, status.value).inc()
         if self.on_finished is not None:  # long-polls in this process wake at once
             self.on_finished(run.lease.saga_id)

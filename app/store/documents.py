@@ -29,10 +29,16 @@ _DUMP = orjson.OPT_UTC_Z
 
 
 _START = """
-WITH key AS (
+WITH fresh AS (
+  -- A start on the latest version of a definition, as this process last knew it: no
+  -- newer version registered since (else nothing is written and it looks again).
+  SELECT NOT (%(latest)s AND EXISTS (
+           SELECT 1 FROM definitions
+            WHERE name = %(name)s AND version > %(version)s)) AS ok
+), key AS (
   INSERT INTO idempotency_keys (key, fingerprint, saga_id, expires_at)
   SELECT %(key)s, %(fingerprint)s, %(id)s, now() + make_interval(secs => %(ttl)s)
-   WHERE %(key)s::text IS NOT NULL
+   WHERE %(key)s::text IS NOT NULL AND (SELECT ok FROM fresh)
   ON CONFLICT (key) DO UPDATE
      SET fingerprint = EXCLUDED.fingerprint, saga_id = EXCLUDED.saga_id,
          created_at = now(), expires_at = EXCLUDED.expires_at
@@ -51,18 +57,56 @@ WITH key AS (
          CASE WHEN %(owner)s::text IS NULL THEN NULL
               ELSE now() + make_interval(secs => %(lease)s) END,
          %(business_key)s, %(labels)s, %(exclusive)s, %(notify)s
-   WHERE %(key)s::text IS NULL OR EXISTS (SELECT 1 FROM key)
+   WHERE (SELECT ok FROM fresh) AND (%(key)s::text IS NULL OR EXISTS (SELECT 1 FROM key))
   RETURNING id, created_at, updated_at, deadline_at, now() AS db_now
+), first_current AS (
+  -- The first attempt starts here too, for the executor this saga is handed to, when
+  -- the guards of an attempt's start hold: the service as the executor saw it (version,
+  -- breaker closed) and a free bulkhead slot (SKIP LOCKED, as START_CALL).
+  SELECT 1 FROM services AS s JOIN circuit_breakers AS cb ON cb.service = s.name
+   WHERE s.name = %(f_service)s AND s.version = %(f_version)s AND cb.state = 'closed'
+     AND EXISTS (SELECT 1 FROM saga)
+), first_slot AS (
+  UPDATE service_slots AS sl
+     SET saga_id = %(id)s, epoch = 1,
+         held_until = clock_timestamp() + make_interval(secs => %(lease)s)
+   WHERE (sl.service, sl.kind, sl.slot) = (
+           SELECT service, kind, slot FROM service_slots
+            WHERE service = %(f_service)s AND kind = 'call'
+              AND (held_until IS NULL OR held_until < clock_timestamp())
+              AND EXISTS (SELECT 1 FROM first_current)
+            LIMIT 1 FOR UPDATE SKIP LOCKED)
+  RETURNING sl.slot
+), first AS (
+  SELECT saga.id FROM saga
+   WHERE %(first)s AND (%(f_service)s::text IS NULL OR EXISTS (SELECT 1 FROM first_slot))
 ), steps AS (
-  INSERT INTO saga_steps (saga_id, idx, name, status)
-  SELECT saga.id, s.idx - 1, s.name, 'pending'
-    FROM saga, unnest(%(steps)s::text[]) WITH ORDINALITY AS s(name, idx)
+  INSERT INTO saga_steps (saga_id, idx, name, status, attempts, in_flight, started_at)
+  SELECT saga.id, s.idx - 1, s.name,
+         CASE WHEN s.idx = 1 AND first.id IS NOT NULL THEN 'running' ELSE 'pending' END,
+         CASE WHEN s.idx = 1 AND first.id IS NOT NULL THEN 1 ELSE 0 END,
+         s.idx = 1 AND first.id IS NOT NULL,
+         CASE WHEN s.idx = 1 AND first.id IS NOT NULL THEN now() END
+    FROM saga LEFT JOIN first ON true,
+         unnest(%(steps)s::text[]) WITH ORDINALITY AS s(name, idx)
 ), event AS (
-  INSERT INTO saga_events (saga_id, type) SELECT id, 'saga_started' FROM saga
+  INSERT INTO saga_events (saga_id, type, step, direction, attempt, outcome, worker)
+  SELECT e.saga_id, e.type, e.step, e.direction, e.attempt, e.outcome, e.worker
+    FROM (SELECT 1 AS n, id AS saga_id, 'saga_started' AS type, NULL AS step,
+                 NULL AS direction, NULL::integer AS attempt, NULL AS outcome,
+                 NULL AS worker
+            FROM saga
+          UNION ALL
+          SELECT 2, id, 'attempt_started', %(f_step)s, 'action', 1, 'started', %(owner)s
+            FROM first) AS e
+   ORDER BY e.n
 ), notified AS (
   SELECT pg_notify(%(channel)s, '') FROM saga WHERE %(owner)s::text IS NULL
 )
-SELECT saga.*, (SELECT count(*) FROM notified) AS notified FROM saga
+SELECT (SELECT ok FROM fresh) AS fresh, saga.*,
+       EXISTS (SELECT 1 FROM first) AS first_started,
+       (SELECT count(*) FROM notified) AS notified
+  FROM (SELECT 1) AS one LEFT JOIN saga ON true
 """
 
 _KEY = "SELECT fingerprint, saga_id FROM idempotency_keys WHERE key = %(key)s"
@@ -120,7 +164,8 @@ class SagaDocuments:
         self, new: NewSaga, handoff: Handoff | None = None
     ) -> tuple[StartResult, SagaDocument | uuid.UUID]:
         """Create a saga in one statement (the key, the saga, its steps, its first event,
-        and the executors' wake-up, or the handoff to this process's executor). With an
+        and the executors' wake-up, or the handoff to this process's executor, with its
+        first attempt started when `handoff.first` says so and its guards hold). With an
         Idempotency-Key, at most one saga per key, ever: a concurrent request with the
         same key waits for this one's statement and then finds its key taken.
 
@@ -128,9 +173,12 @@ class SagaDocuments:
         MISMATCH with the id of the saga the key already started; BUSY (an exclusive
         definition) with the id of the non-terminal saga that holds the business key. The
         unique index decides BUSY, so concurrent starts on any replica create one saga;
-        the refused statement stores nothing, its Idempotency-Key included."""
+        the refused statement stores nothing, its Idempotency-Key included. STALE: a newer
+        version of the definition than `new.definition` exists and `new.latest` asked for
+        the latest; nothing is stored."""
         saga_id = uuid.uuid4()
         spec = new.definition.spec
+        first = handoff.first if handoff else None
         params: dict[str, Any] = {
             "key": new.idempotency_key,
             "fingerprint": new.fingerprint,
@@ -152,6 +200,11 @@ class SagaDocuments:
             "labels": Jsonb(new.labels),
             "exclusive": spec.exclusive,
             "notify": Jsonb(new.notify) if new.notify is not None else None,
+            "latest": new.latest,
+            "first": first is not None,
+            "f_step": first.step_name if first else None,
+            "f_service": first.service if first else None,
+            "f_version": first.version if first else None,
         }
         async with self.pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
             for _ in range(_BUSY_TRIES):
@@ -170,7 +223,9 @@ class SagaDocuments:
             else:
                 raise RuntimeError("the business key stays taken by sagas that end at once")
             row: Any = await cur.fetchone()
-            if row is None:
+            if not row.fresh:
+                return StartResult.STALE, saga_id
+            if row.id is None:
                 await cur.execute(_KEY, {"key": new.idempotency_key})
                 existing: Any = await cur.fetchone()
                 assert existing is not None, "a key that is neither new nor stored"
@@ -180,6 +235,7 @@ class SagaDocuments:
                     else StartResult.MISMATCH
                 )
                 return result, existing.saga_id
+        started = bool(row.first_started)
         document = {
             "id": saga_id,
             "definition": new.definition.name,
@@ -199,17 +255,17 @@ class SagaDocuments:
             "steps": [
                 {
                     "name": s.name,
-                    "status": "pending",
-                    "attempts": 0,
+                    "status": "running" if i == 0 and started else "pending",
+                    "attempts": 1 if i == 0 and started else 0,
                     "compensation_attempts": 0,
                     "status_code": None,
                     "response": None,
                     "last_error": None,
-                    "started_at": None,
+                    "started_at": row.created_at if i == 0 and started else None,
                     "finished_at": None,
                     "callback_due_at": None,
                 }
-                for s in spec.steps
+                for i, s in enumerate(spec.steps)
             ],
         }
         body = orjson.dumps(document, option=_DUMP)
@@ -221,6 +277,7 @@ class SagaDocuments:
             row.db_now,
             row.deadline_at,
             params["traceparent"],
+            first_attempt=started,
         )
 
     async def view(self, saga_id: uuid.UUID) -> SagaDocument | None:

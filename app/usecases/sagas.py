@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from app.core.definition import NotifySpec, RuleViolation, check_notify
+from app.core.definition import DefinitionSpec, NotifySpec, RuleViolation, check_notify
 from app.core.hosts import HostPolicy, Verdict, url_host_port
 from app.core.labels import label_filters, printable_problem
 from app.core.states import SagaStatus
 from app.core.views import (
     CancelResult,
+    DefinitionRecord,
     Handoff,
     NewSaga,
     SagaDocument,
@@ -94,11 +95,17 @@ class LocalExecutor(Protocol):
     """This process's executor, when it runs one (`serve`): it takes new sagas over as
     they are created, with no claim and no notification in between."""
 
-    def handoff(self) -> Handoff | None:
-        """A lease for the next new saga, when the executor has room for it."""
+    def handoff(self, spec: DefinitionSpec) -> Handoff | None:
+        """A lease for the next new saga, when the executor has room for it (with its
+        first attempt to start in the same statement, when it can)."""
         ...
 
-    def adopt(self, new: NewSaga, document: SagaDocument) -> None: ...
+    def adopt(self, new: NewSaga, document: SagaDocument, handoff: Handoff) -> None: ...
+
+    def holds(self, saga_id: uuid.UUID) -> bool:
+        """Whether the executor drives this saga now and has not ended it: then it is not
+        terminal, and its end wakes this process's long-polls."""
+        ...
 
 
 class Sagas:
@@ -121,6 +128,10 @@ class Sagas:
         self.key_ttl_seconds = key_ttl_seconds
         self.local = local
         self.hosts = hosts or HostPolicy.parse("*")
+        # Definitions as last read, by (name, version asked; None: the latest). A version
+        # never changes; the latest may, so a start on it is checked against the table
+        # in its own statement (StartResult.STALE: read again).
+        self._definitions: dict[tuple[str, int | None], DefinitionRecord] = {}
 
     async def start(self, request: StartRequest) -> tuple[StartResult, SagaDocument]:
         """Create a saga (or find the one this Idempotency-Key created).
@@ -143,7 +154,44 @@ class Sagas:
                     }
                 ],
             )
-        definition = await self.registry.get_definition(request.definition, request.version)
+        for fresh in (False, True, True):
+            definition = await self._definition(request, fresh)
+            new = await self._new_saga(request, definition)
+            handoff = self.local.handoff(definition.spec) if self.local else None
+            result, created = await self.documents.start(new, handoff)
+            if result is not StartResult.STALE:
+                break
+        else:
+            raise RuntimeError("the latest version of the definition keeps changing")
+        if isinstance(created, SagaDocument):
+            if handoff is not None and self.local is not None:
+                self.local.adopt(new, created, handoff)
+            return result, created
+        if result is StartResult.MISMATCH:
+            raise Problem(
+                422,
+                "this Idempotency-Key was used with a different definition, input, "
+                "business_key or labels (or notify target)",
+                slug="idempotency-key-reused",
+            )
+        if result is StartResult.BUSY:
+            raise Problem(
+                409,
+                f"definition '{definition.name}' is exclusive and saga {created} with "
+                f"business_key {request.business_key!r} is not finished yet: follow Location",
+                slug="business-key-busy",
+                headers={"Location": f"/v1/sagas/{created}"},
+            )
+        return result, await self.document(created)
+
+    async def _definition(self, request: StartRequest, fresh: bool) -> DefinitionRecord:
+        """The definition a start asks for, as last read unless `fresh`; 422 when unknown."""
+        key = (request.definition, request.version)
+        definition = None if fresh else self._definitions.get(key)
+        if definition is None:
+            definition = await self.registry.get_definition(request.definition, request.version)
+            if definition is not None:
+                self._definitions[key] = definition
         if definition is None:
             what = f"version {request.version} of " if request.version else ""
             raise Problem(
@@ -158,6 +206,10 @@ class Sagas:
                     }
                 ],
             )
+        return definition
+
+    async def _new_saga(self, request: StartRequest, definition: DefinitionRecord) -> NewSaga:
+        """What the start stores, once the request passed the definition's rules."""
         if definition.spec.exclusive and request.business_key is None:
             raise Problem(
                 422,
@@ -185,7 +237,8 @@ class Sagas:
         if request.notify is not None:
             await self._check_notify(request.notify)
         trace = request.traceparent
-        new = NewSaga(
+        key = request.idempotency_key
+        return NewSaga(
             definition=definition,
             input=request.input,
             idempotency_key=key,
@@ -196,29 +249,8 @@ class Sagas:
             business_key=request.business_key,
             labels=request.labels,
             notify=notify.model_dump(mode="json") if notify is not None else None,
+            latest=request.version is None,
         )
-        handoff = self.local.handoff() if self.local else None
-        result, created = await self.documents.start(new, handoff)
-        if isinstance(created, SagaDocument):
-            if handoff is not None and self.local is not None:
-                self.local.adopt(new, created)
-            return result, created
-        if result is StartResult.MISMATCH:
-            raise Problem(
-                422,
-                "this Idempotency-Key was used with a different definition, input, "
-                "business_key or labels (or notify target)",
-                slug="idempotency-key-reused",
-            )
-        if result is StartResult.BUSY:
-            raise Problem(
-                409,
-                f"definition '{definition.name}' is exclusive and saga {created} with "
-                f"business_key {request.business_key!r} is not finished yet: follow Location",
-                slug="business-key-busy",
-                headers={"Location": f"/v1/sagas/{created}"},
-            )
-        return result, await self.document(created)
 
     async def _check_notify(self, notify: NotifySpec) -> None:
         """A start's own notification target: a registered service, an allowed host (422)."""
@@ -266,14 +298,19 @@ class Sagas:
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + min(seconds, MAX_WAIT_SECONDS)
+            # A saga this process's executor drives and has not ended is not terminal:
+            # nothing to read before its end (or the time) wakes this wait.
+            unread = self.local is not None and self.local.holds(saga_id)
             while True:
                 event.clear()  # before reading: a notification during the read is kept
-                saga = await self.document(saga_id)
-                remaining = deadline - loop.time()
-                if saga.status.terminal or remaining <= 0:
-                    return saga
+                if unread:
+                    unread = False
+                else:
+                    saga = await self.document(saga_id)
+                    if saga.status.terminal or deadline - loop.time() <= 0:
+                        return saga
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=remaining)
+                    await asyncio.wait_for(event.wait(), timeout=deadline - loop.time())
         finally:
             self.waiters.unregister(str(saga_id), event)
 

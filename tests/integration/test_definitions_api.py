@@ -468,3 +468,24 @@ async def test_rejection_leaves_stored_definitions_unchanged(reg: httpx.AsyncCli
     assert_problem(await reg.get("/v1/definitions/stable/versions/3"), 404)
     items = (await reg.get("/v1/definitions")).json()["items"]
     assert [(d["name"], d["version"]) for d in items] == [("stable", 2)]
+
+
+async def test_a_start_follows_a_version_registered_by_another_replica(
+    reg: httpx.AsyncClient, db_url: str
+) -> None:
+    """A start on the latest version finds the one registered a moment ago through
+    another API process, although this process remembers the one before (it checks in
+    the creating statement); a start pinned to a version keeps it."""
+    first = simple_definition("moving", description="one")
+    assert (await reg.post("/v1/definitions", json=first)).status_code == 201
+    r = await reg.post("/v1/sagas", json={"definition": "moving", "input": {"x": 1}})
+    assert r.status_code == 201 and r.json()["definition_version"] == 1
+    async with client_for(make_settings(), db_url) as other:
+        second = simple_definition("moving", description="two")
+        assert (await other.post("/v1/definitions", json=second)).status_code == 201
+    for _ in range(2):  # the second start reads nothing: it remembers version 2
+        r = await reg.post("/v1/sagas", json={"definition": "moving", "input": {"x": 1}})
+        assert r.status_code == 201 and r.json()["definition_version"] == 2
+    pinned = {"definition": "moving", "version": 1, "input": {"x": 1}}
+    r = await reg.post("/v1/sagas", json=pinned)
+    assert r.status_code == 201 and r.json()["definition_version"] == 1
