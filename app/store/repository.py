@@ -47,6 +47,7 @@ from app.engine.ports import (
     Started,
 )
 from app.store import engine_sql as sql
+from app.store.group_commit import GroupCommit
 from app.store.notifications import PgNotifications
 from app.store.pool import open_pool
 from app.store.registry import Registry, service_spec
@@ -180,6 +181,9 @@ class PgSagaRepository(PgNotifications):
         self._hot_size = 2 * size
         self._pool: AsyncConnectionPool | None = None
         self._pool_opening = asyncio.Lock()
+        # Outcomes that change no breaker go through one writer, batched while it is busy
+        # (a breaker's compare-and-set could wait on another process's batch: alone).
+        self.group = GroupCommit(self._hot, self._alone)
 
     async def _hot(self) -> AsyncConnectionPool:
         """The psycopg pool of the hot statements, opened on first use."""
@@ -194,6 +198,7 @@ class PgSagaRepository(PgNotifications):
 
     async def close(self) -> None:
         """Close the hot pool (the engine is its owner's to dispose of)."""
+        await self.group.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -255,12 +260,15 @@ class PgSagaRepository(PgNotifications):
 
     async def _one(self, statement: sql.Native, params: dict[str, Any]) -> Any:
         """Run a hot statement (one autocommit round trip); its first row, or None."""
+        return await self._alone(statement.text, statement.args(params))
+
+    async def _alone(self, text: str, args: tuple[Any, ...]) -> Any:
         pool = await self._hot()
         async with (
             pool.connection() as conn,
             AsyncRawCursor(conn, row_factory=namedtuple_row) as cur,
         ):
-            await cur.execute(statement.text, statement.args(params))
+            await cur.execute(text, args)
             return await cur.fetchone()
 
     async def renew(self, lease: Lease) -> bool:
@@ -407,7 +415,10 @@ class PgSagaRepository(PgNotifications):
             **_breaker_params(commit.breaker),
             **_next_params(then),
         }
-        row = await self._one(_COMMIT, params)
+        if commit.breaker is None:
+            row = await self.group.run(_COMMIT.text, _COMMIT.args(params))
+        else:
+            row = await self._one(_COMMIT, params)
         if row is None:
             why = await self._one(_WHY_NOT_WRITTEN, self._fence(lease))
             if why is not None and why.ours and why.cancelled and write.unless_cancelled:
