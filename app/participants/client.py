@@ -22,7 +22,7 @@ import certifi
 from yarl import URL
 
 from app.core.definition import check_json, header_value_problem
-from app.core.hosts import HostPolicy
+from app.core.hosts import Decision, HostPolicy
 from app.core.outcome import CallFailure, CallResult, parse_retry_after
 from app.core.requests import HttpRequest
 from app.participants.network import GuardedResolver, Resolver, blocked_reason, system_resolver
@@ -50,6 +50,7 @@ class ParticipantClient:
         self._resolver = GuardedResolver(self._policy, resolver)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._decisions: dict[tuple[str, int], Decision] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         """The session, made on first use: aiohttp binds it to the running event loop."""
@@ -89,6 +90,16 @@ class ParticipantClient:
         self._session = session
         return session
 
+    def _written(self, host: str, port: int) -> Decision:
+        """The policy's decision on a written host, kept: the policy does not change, and
+        a URL's host is never data (only its path and query take `${…}`)."""
+        decision = self._decisions.get((host, port))
+        if decision is None:
+            if len(self._decisions) >= 4096:
+                self._decisions.clear()
+            decision = self._decisions[host, port] = self._policy.written(host, port)
+        return decision
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -121,7 +132,7 @@ class ParticipantClient:
         # resolver, so the written host is judged here, before anything is sent; a name
         # is judged again with every address it resolves to, on each new connection
         # (GuardedResolver).
-        decision = self._policy.written(host, port)
+        decision = self._written(host, port)
         if decision.refused:
             return CallResult(failure=CallFailure.BLOCKED, message=f"not sent: {decision.reason}")
         if send_by is not None and time.monotonic() > send_by:
@@ -287,6 +298,8 @@ def _without_dot_segments(path: str) -> str:
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
+# What `header_value_problem` lets through, as one regular expression (the fast path).
+_SENDABLE_VALUE = re.compile(r"(?:[!-~](?:[\t -~]*[!-~])?)?")
 
 
 def _header_problem(name: str, value: str) -> str | None:
@@ -298,7 +311,9 @@ def _header_problem(name: str, value: str) -> str | None:
         # aiohttp would keep it and still send the body as it is: a message its
         # receiver cannot read.
         return "frames the body, which the client does itself"
-    return header_value_problem(value)
+    if _SENDABLE_VALUE.fullmatch(value):
+        return None
+    return header_value_problem(value) or "cannot be sent"
 
 
 def _parse_body(raw: bytes, content_type: str) -> Any:
