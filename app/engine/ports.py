@@ -1,5 +1,5 @@
 """What the engine needs from the outside, as Protocols: the saga repository, the
-participant caller and the clock. `main.py` wires PostgreSQL, httpx and the real clock
+participant caller and the clock. `main.py` wires PostgreSQL, aiohttp and the real clock
 in; the unit tests run the whole executor loop on an in-memory repository, a scripted
 caller and a fake clock.
 """

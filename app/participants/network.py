@@ -1,11 +1,13 @@
 """Connections to participants go only to addresses the host policy allows.
 
-The HTTP client's network backend is the one place a participant connection is made, so
-the check lives there: for every new connection it asks the policy about the written
-host, resolves a name (asynchronously, within the connect timeout), checks *every*
-address it resolves to, and connects to one of those checked addresses. The request
-keeps the name, so its Host header and TLS server name (and certificate check) stay
-right, and nothing can change between the check and the connect (no DNS rebinding).
+The participant client's connector learns addresses only from `GuardedResolver`, so the
+check lives there: for every new connection to a name it asks the policy about the
+written host, resolves the name (asynchronously, within a bounded time), checks *every*
+address it resolves to, and hands the connector only those checked addresses. The
+request keeps the name, so its Host header and TLS server name (and certificate check)
+stay right, and nothing can change between the check and the connect (no DNS
+rebinding). aiohttp connects to a host written as an IP address without asking any
+resolver, so the client checks those with the policy itself before it sends.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
-import httpcore
-from httpcore._backends.auto import AutoBackend
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from app.core.hosts import HostPolicy, IPAddress, Verdict, literal_address
 
@@ -33,7 +34,14 @@ async def system_resolver(host: str, port: int) -> list[IPAddress]:
     return list(seen)
 
 
-class BlockedAddress(httpcore.ConnectError):
+class ConnectFailure(OSError):
+    """No connection can be made (the name does not resolve): nothing was sent.
+
+    An OSError, as aiohttp expects of a resolver: it reports it as a connection error
+    (ClientConnectorDNSError) with this exception as its cause."""
+
+
+class BlockedAddress(ConnectFailure):
     """The host, or an address it resolves to, is not allowed: nothing was sent."""
 
 
@@ -43,7 +51,7 @@ async def vetted_addresses(
     """The addresses a connection to host:port may use, every one of them checked.
 
     BlockedAddress when the policy refuses the host or any address it resolves to (a
-    name that resolves to a metadata address is suspect as a whole); ConnectError when
+    name that resolves to a metadata address is suspect as a whole); ConnectFailure when
     the name does not resolve."""
     decision = policy.written(host, port)
     if decision.refused:
@@ -55,9 +63,9 @@ async def vetted_addresses(
         async with asyncio.timeout(min(within or RESOLVE_TIMEOUT_SECONDS, RESOLVE_TIMEOUT_SECONDS)):
             addresses = await resolver(host, port)
     except (OSError, TimeoutError) as exc:
-        raise httpcore.ConnectError(f"cannot resolve {host} ({type(exc).__name__})") from None
+        raise ConnectFailure(f"cannot resolve {host} ({type(exc).__name__})") from None
     if not addresses:
-        raise httpcore.ConnectError(f"{host} resolves to no address")
+        raise ConnectFailure(f"{host} resolves to no address")
     name_allowed = decision.verdict is Verdict.NAME_ALLOWED
     for address in addresses:
         reason = policy.address(address, port, name_allowed)
@@ -66,52 +74,37 @@ async def vetted_addresses(
     return addresses
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's own backend, behind the host policy."""
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver for participant connections: only checked addresses, in the
+    resolver's order. aiohttp asks it once per new connection to a name (the client
+    turns aiohttp's DNS cache off)."""
 
     def __init__(self, policy: HostPolicy, resolver: Resolver = system_resolver) -> None:
         self.policy = policy
         self.resolver = resolver
-        self._inner = AutoBackend()
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        addresses = await vetted_addresses(self.policy, self.resolver, host, port, timeout)
-        failure: Exception | None = None
-        for address in addresses:  # the checked addresses, in the resolver's order
-            try:
-                return await self._inner.connect_tcp(
-                    str(address),
-                    port,
-                    timeout=timeout,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = exc
-        assert failure is not None
-        raise failure
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        addresses = await vetted_addresses(self.policy, self.resolver, host, port, None)
+        return [
+            ResolveResult(
+                hostname=host,
+                host=str(address),
+                port=port,
+                family=socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            )
+            for address in addresses
+        ]
 
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise BlockedAddress("participants are reached over TCP only")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+    async def close(self) -> None:
+        pass
 
 
 def blocked_reason(exc: BaseException) -> str | None:
-    """The policy's reason when `exc` (an httpx error) came from a refused address."""
+    """The policy's reason when `exc` (an aiohttp error) came from a refused address."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, BlockedAddress):
@@ -136,6 +129,6 @@ async def check_url(
         await vetted_addresses(policy, resolver, host, port, RESOLVE_TIMEOUT_SECONDS)
     except BlockedAddress as exc:
         return str(exc)
-    except httpcore.ConnectError as exc:
+    except ConnectFailure as exc:
         return f"{exc}: a name that no DNS pattern of SAGA_ALLOWED_HOSTS names must resolve"
     return None

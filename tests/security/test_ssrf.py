@@ -53,14 +53,19 @@ def orchestrator_with(db_url: str) -> Orchestrator:
     def make(hosts: str, resolver: Resolver | None = None) -> Any:
         settings = make_settings(SAGA_ALLOWED_HOSTS=hosts)
         client = ParticipantClient(settings.host_policy, resolver) if resolver else None
-        return _running(create_app(settings, db_url, run_executor=True, participant_client=client))
+        app = create_app(settings, db_url, run_executor=True, participant_client=client)
+        return _running(app, client)
 
     return make
 
 
 class _running:
-    def __init__(self, app: Any) -> None:
+    """The app served; a participant client given to it is closed here (the app closes
+    only the one it made)."""
+
+    def __init__(self, app: Any, participant_client: ParticipantClient | None) -> None:
         self.app = app
+        self.participant_client = participant_client
 
     async def __aenter__(self) -> httpx.AsyncClient:
         self._serve = serve(self.app)
@@ -71,6 +76,8 @@ class _running:
     async def __aexit__(self, *exc: Any) -> None:
         await self._client.aclose()
         await self._serve.__aexit__(*exc)
+        if self.participant_client is not None:
+            await self.participant_client.aclose()
 
 
 @pytest.fixture
