@@ -6,7 +6,8 @@ Runs in its own virtualenv (bench/dbos-requirements.txt pins DBOS), one process:
 
 - `POST /start` (optional `Idempotency-Key` header: the workflow id, DBOS's own
   idempotency) starts `saga`, a `@DBOS.workflow` calling three `@DBOS.step`s, each a
-  POST to the participant through one pooled `httpx.AsyncClient`; answers `{"id": ...}`.
+  POST to the participant through one pooled HTTP client (bench/post.py: aiohttp, or
+  httpx with `--client httpx`); answers `{"id": ...}`.
 - `GET /result/{id}` waits up to 30 s for the workflow's result: `{"status":
   "completed"}`, `"failed"`, or `"pending"` when the time is up (the caller asks again).
   It awaits the handle that `start_workflow_async` returned (in-process, no polling),
@@ -20,38 +21,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
 from dbos import DBOS, DBOSConfig, SetWorkflowID
 from fastapi import FastAPI, Header
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.post import CLIENTS, Post
+
 PARTICIPANT = ""
-_http: httpx.AsyncClient | None = None
+POST = Post("aiohttp")
 _handles: dict[str, Any] = {}
-
-
-def http() -> httpx.AsyncClient:
-    global _http
-    if _http is None:
-        _http = httpx.AsyncClient(
-            timeout=10, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        )
-    return _http
 
 
 async def _call(step: str) -> dict[str, Any]:
     workflow_id = DBOS.workflow_id
-    response = await http().post(
+    body: dict[str, Any] = await POST(
         f"{PARTICIPANT}/{step}",
-        json={"saga": workflow_id},
-        headers={"Idempotency-Key": f"{workflow_id}:{step}:action"},
+        {"saga": workflow_id},
+        {"Idempotency-Key": f"{workflow_id}:{step}:action"},
     )
-    response.raise_for_status()
-    body: dict[str, Any] = response.json()
     return body
 
 
@@ -84,8 +79,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        if _http is not None:
-            await _http.aclose()
+        await POST.aclose()
         DBOS.destroy()
 
 
@@ -125,13 +119,15 @@ async def result(workflow_id: str) -> dict[str, str]:
 
 
 def main() -> None:
-    global PARTICIPANT
+    global PARTICIPANT, POST
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", required=True, help="the system database's URL")
     parser.add_argument("--participant", required=True)
+    parser.add_argument("--client", choices=CLIENTS, default="aiohttp")
     args = parser.parse_args()
     PARTICIPANT = args.participant
+    POST = Post(args.client)
     config: DBOSConfig = {
         "name": "saga-bench",
         "system_database_url": args.db,

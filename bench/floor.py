@@ -4,10 +4,12 @@
 
 One process. Per saga, five autocommit statements with psycopg (insert the saga row;
 one update after each of the three steps' HTTP calls, recording its response; one final
-update) and three calls to the participant through one pooled `httpx.AsyncClient`. No
-API, no retries, no leases, no compensation. Its callers are asyncio tasks inside it
-(each with its own connection), driven by bench/protocol.py on stdin/stdout like the
-HTTP driver, so its CPU figure includes its own callers.
+update) and three calls to the participant through one pooled HTTP client: aiohttp, the
+library the service calls participants with (`--client httpx`: one `httpx.AsyncClient`,
+as this floor was first measured). No API, no retries, no leases, no compensation. Its
+callers are asyncio tasks inside it (each with its own connection), driven by
+bench/protocol.py on stdin/stdout like the HTTP driver, so its CPU figure includes its
+own callers.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.post import CLIENTS, Post
 from bench.protocol import RunOne, serve
 
 SCHEMA = """
@@ -44,12 +46,10 @@ STEPS = ("a", "b", "c")
 
 
 class Floor:
-    def __init__(self, db: str, participant: str) -> None:
+    def __init__(self, db: str, participant: str, client: str) -> None:
         self.db = db
         self.participant = participant
-        self.http = httpx.AsyncClient(
-            timeout=10, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        )
+        self.post = Post(client)
 
     async def setup(self) -> None:
         async with await psycopg.AsyncConnection.connect(self.db, autocommit=True) as conn:
@@ -66,16 +66,15 @@ class Floor:
                     (saga_id, json.dumps({"order": saga_id.hex})),
                 )
                 for index, step in enumerate(STEPS, start=1):
-                    response = await self.http.post(
+                    answer = await self.post(
                         f"{self.participant}/{step}",
-                        json={"saga": str(saga_id)},
-                        headers={"Idempotency-Key": f"{saga_id}:{step}:action"},
+                        {"saga": str(saga_id)},
+                        {"Idempotency-Key": f"{saga_id}:{step}:action"},
                     )
-                    response.raise_for_status()
                     await conn.execute(
                         "UPDATE floor_sagas SET step = %s, updated_at = now(),"
                         " responses = responses || %s::jsonb WHERE id = %s",
-                        (index, json.dumps([response.json()]), saga_id),
+                        (index, json.dumps([answer]), saga_id),
                     )
                 await conn.execute(
                     "UPDATE floor_sagas SET status = 'completed', updated_at = now() WHERE id = %s",
@@ -90,13 +89,14 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--db", required=True)
     parser.add_argument("--participant", required=True)
+    parser.add_argument("--client", choices=CLIENTS, default="aiohttp")
     args = parser.parse_args()
-    floor = Floor(args.db, args.participant)
+    floor = Floor(args.db, args.participant, args.client)
     await floor.setup()
     try:
         await serve(floor.caller)
     finally:
-        await floor.http.aclose()
+        await floor.post.aclose()
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class Config:
     inflight_seconds: float
     slow_seconds: float
     systems: tuple[str, ...]
+    baseline_client: str = "aiohttp"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
@@ -114,6 +115,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
     )
     parser.add_argument(
         "--systems", default="A,B,C,D", help="which systems to run (default A,B,C,D)"
+    )
+    parser.add_argument(
+        "--baseline-client",
+        choices=("aiohttp", "httpx"),
+        default="aiohttp",
+        help="the HTTP client DBOS and the floor call the participant with (aiohttp, as the "
+        "service does; httpx: as they were first measured)",
     )
     args = parser.parse_args(argv)
     quick = bool(args.quick)
@@ -145,6 +153,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
         inflight_seconds=40.0,
         slow_seconds=5.0,
         systems=systems,
+        baseline_client=args.baseline_client,
     )
     return config, quick
 
@@ -622,7 +631,16 @@ def run(config: Config, quick: bool, argv: Sequence[str]) -> int:
         assert pg.proc is not None
         participant, participant_pgid = start_participant(procs, config.slow_seconds)
         token = f"bench-{os.urandom(8).hex()}"
-        env = Env(procs, pg, run_dir, participant, participant_pgid, token, dbos_python)
+        env = Env(
+            procs,
+            pg,
+            run_dir,
+            participant,
+            participant_pgid,
+            token,
+            dbos_python,
+            config.baseline_client,
+        )
         results["machine"] = machine(pg, dbos_python)
         print(
             f"PostgreSQL {results['machine']['postgresql']} on port {pg.port} (fsync on),"

@@ -49,6 +49,7 @@ class Env:
     participant_pgid: int
     token: str
     dbos_python: Path | None
+    baseline_client: str = "aiohttp"  # how C and D call the participant (bench/post.py)
 
 
 def _step(name: str, service: str, path: str) -> dict[str, Any]:
@@ -259,6 +260,7 @@ class Dbos(System):
         env = _clean_environ()
         argv: list[str | Path] = [self.env.dbos_python, BENCH / "dbos_app.py", "--port", str(port)]
         argv += ["--db", self.url, "--participant", self.env.participant]
+        argv += ["--client", self.env.baseline_client]
         proc = self.spawn("dbos", argv, env=env, cwd=self.env.run_dir)
         wait_until(lambda: http_ready(base + "/healthz"), 120, proc, "ready")
         self.start_driver("dbos", base)
@@ -271,7 +273,7 @@ class Floor(System):
 
     def start(self) -> None:
         argv: list[str | Path] = [PYTHON, BENCH / "floor.py", "--db", self.url]
-        argv += ["--participant", self.env.participant]
+        argv += ["--participant", self.env.participant, "--client", self.env.baseline_client]
         self.load = self.spawn("floor", argv, env=_clean_environ(), pipe=True)
         self.load.request({"cmd": "ping"}, 60)
 
