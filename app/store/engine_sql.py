@@ -55,30 +55,35 @@ _LEASE_END = "clock_timestamp() + make_interval(secs => :lease)"
 LEASE_DUE = f"CASE WHEN {_LEASE_LEFT} THEN due_at ELSE {_LEASE_END} END"
 LEASE_EXPIRY = f"CASE WHEN {_LEASE_LEFT} THEN lease_expires_at ELSE {_LEASE_END} END"
 
+# Claim due sagas, each with its steps (a JSON array in order): one statement, one round
+# trip, in autocommit.
 CLAIM = text(
     """
-    UPDATE sagas AS s
-       SET lease_owner = :worker,
-           lease_epoch = s.lease_epoch + 1,
-           lease_expires_at = now() + make_interval(secs => :lease),
-           due_at = now() + make_interval(secs => :lease)
-      FROM (SELECT id FROM sagas
-             WHERE due_at <= now() AND status IN ('running', 'compensating', 'completed')
-             ORDER BY due_at
-             LIMIT :limit
-             FOR UPDATE SKIP LOCKED) AS due
-     WHERE s.id = due.id
-    RETURNING s.id, s.lease_epoch, s.definition_id, s.definition_name, s.status, s.input,
-              s.deadline_at, s.cancel_requested, s.request_id, s.traceparent,
-              s.waiting_reason, s.waiting_service, s.pivot_locked, now() AS db_now
-    """
-)
-
-CLAIMED_STEPS = text(
-    """
-    SELECT saga_id, idx, name, status, attempts, compensation_attempts, maybe_applied,
-           in_flight, status_code, response
-      FROM saga_steps WHERE saga_id = ANY(:ids) ORDER BY saga_id, idx
+    WITH claimed AS (
+      UPDATE sagas AS s
+         SET lease_owner = :worker,
+             lease_epoch = s.lease_epoch + 1,
+             lease_expires_at = now() + make_interval(secs => :lease),
+             due_at = now() + make_interval(secs => :lease)
+        FROM (SELECT id FROM sagas
+               WHERE due_at <= now() AND status IN ('running', 'compensating', 'completed')
+               ORDER BY due_at
+               LIMIT :limit
+               FOR UPDATE SKIP LOCKED) AS due
+       WHERE s.id = due.id
+      RETURNING s.id, s.lease_epoch, s.definition_id, s.definition_name, s.status, s.input,
+                s.deadline_at, s.cancel_requested, s.request_id, s.traceparent,
+                s.waiting_reason, s.waiting_service, s.pivot_locked
+    )
+    SELECT claimed.*, now() AS db_now,
+           (SELECT json_agg(json_build_object(
+                     'name', st.name, 'status', st.status, 'attempts', st.attempts,
+                     'compensation_attempts', st.compensation_attempts,
+                     'maybe_applied', st.maybe_applied, 'in_flight', st.in_flight,
+                     'status_code', st.status_code, 'response', st.response)
+                   ORDER BY st.idx)
+              FROM saga_steps AS st WHERE st.saga_id = claimed.id) AS steps
+      FROM claimed
     """
 )
 

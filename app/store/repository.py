@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections import defaultdict
 from dataclasses import replace
 from typing import Any
 
@@ -69,6 +68,7 @@ def _breaker(row: Any) -> Breaker:
 
 # The hot statements, in psycopg's form, run on the repository's own psycopg pool in
 # autocommit: each is one round trip and one transaction.
+_CLAIM = sql.native_form(sql.CLAIM)
 _COMMIT = sql.native_form(sql.COMMIT)
 _WHY_NOT_WRITTEN = sql.native_form(sql.WHY_NOT_WRITTEN)
 _RENEW = sql.native_form(sql.RENEW)
@@ -101,6 +101,19 @@ def _event(e: Event) -> dict[str, Any]:
         "message": e.message,
         "duration_ms": e.duration_ms,
     }
+
+
+def _step_state(step: dict[str, Any]) -> StepState:
+    return StepState(
+        name=step["name"],
+        status=StepStatus(step["status"]),
+        attempts=step["attempts"],
+        compensation_attempts=step["compensation_attempts"],
+        maybe_applied=step["maybe_applied"],
+        in_flight=step["in_flight"],
+        status_code=step["status_code"],
+        response=step["response"],
+    )
 
 
 def _step_params(commit: Commit) -> dict[str, Any]:
@@ -209,29 +222,15 @@ class PgSagaRepository(PgNotifications):
     # --- claiming ---------------------------------------------------------------------
 
     async def claim(self, limit: int) -> list[Claimed]:
-        async with self._admissions, self.engine.begin() as conn:
-            rows = (
-                await conn.execute(
-                    sql.CLAIM, {"worker": self.worker, "lease": self.lease, "limit": limit}
-                )
-            ).all()
-            if not rows:
-                return []
-            steps = (await conn.execute(sql.CLAIMED_STEPS, {"ids": [r.id for r in rows]})).all()
-        by_saga: dict[uuid.UUID, list[StepState]] = defaultdict(list)
-        for s in steps:
-            by_saga[s.saga_id].append(
-                StepState(
-                    name=s.name,
-                    status=StepStatus(s.status),
-                    attempts=s.attempts,
-                    compensation_attempts=s.compensation_attempts,
-                    maybe_applied=s.maybe_applied,
-                    in_flight=s.in_flight,
-                    status_code=s.status_code,
-                    response=s.response,
-                )
-            )
+        params = {"worker": self.worker, "lease": self.lease, "limit": limit}
+        pool = await self._hot()
+        async with (
+            self._admissions,
+            pool.connection() as conn,
+            AsyncRawCursor(conn, row_factory=namedtuple_row) as cur,
+        ):
+            await cur.execute(_CLAIM.text, _CLAIM.args(params))
+            rows: list[Any] = await cur.fetchall()
         return [
             Claimed(
                 lease=Lease(r.id, r.lease_epoch),
@@ -244,7 +243,7 @@ class PgSagaRepository(PgNotifications):
                 db_now=r.db_now,
                 state=SagaState(
                     status=SagaStatus(r.status),
-                    steps=tuple(by_saga[r.id]),
+                    steps=tuple(_step_state(s) for s in r.steps or ()),
                     cancel_requested=r.cancel_requested,
                     deadline_at=r.deadline_at,
                     waiting=(
