@@ -194,8 +194,9 @@ class PgSagaRepository(PgNotifications):
         self._hot_size = 2 * size
         self._pool: AsyncConnectionPool | None = None
         self._pool_opening = asyncio.Lock()
-        # Outcomes that change no breaker go through one writer, batched while it is busy
-        # (a breaker's compare-and-set could wait on another process's batch: alone).
+        # Attempt starts and the outcomes that change no breaker go through one writer,
+        # batched while it is busy (a breaker's compare-and-set could wait on another
+        # process's batch: alone).
         self.group = GroupCommit(self._hot, self._alone)
 
     async def _hot(self) -> AsyncConnectionPool:
@@ -324,8 +325,9 @@ class PgSagaRepository(PgNotifications):
         if start.service is not None:
             statement = _START_CALL
             params.update(service=start.service, version=start.version)
-        async with self._admissions:
-            row = await self._one(statement, params)
+        # Through the group writer too: a start waits on no lock another batch may hold
+        # (the saga's row is this worker's, a slot is taken with SKIP LOCKED).
+        row = await self.group.run(statement.text, statement.args(params))
         assert row is not None  # the statement always answers one row
         if row.attempt is not None:
             return Started(int(row.attempt), row.db_now)
