@@ -288,9 +288,10 @@ class _Simulation:
         config = self._breaker(service)
         breaker = Breaker(CircuitState.OPEN, config.failure_threshold, self.now)
         decision = gate(config, breaker, self.now)
-        assert decision.passage is Passage.WAIT and decision.retry_at is not None
+        # A recovery timeout under the clock's resolution (a microsecond) is over at once.
+        retry_at = decision.retry_at if decision.passage is Passage.WAIT else None
         commit = wait(
-            self.spec, self.state, WaitReason.CIRCUIT_OPEN, service, decision.retry_at, self.now
+            self.spec, self.state, WaitReason.CIRCUIT_OPEN, service, retry_at or self.now, self.now
         )
         return None if apply(self.state, commit) == self.state else commit
 

@@ -188,6 +188,19 @@ def test_an_open_circuit_until_the_deadline_compensates_the_steps_before() -> No
     assert got.error_kind is ErrorKind.CIRCUIT_OPEN
 
 
+def test_a_recovery_timeout_under_a_microsecond_is_planned_like_any_other() -> None:
+    """The breaker of such a service reopens at once (the clock cannot tell the times
+    apart): planning an open circuit there must not fail (a fuzzed registration found
+    it), and the saga still waits on the circuit until its deadline."""
+    spec = definition(step("a"), step("b"), timeout_seconds=45)
+    svc = ServiceSpec.model_validate(
+        {"base_url": "http://127.0.0.1:9", "circuit_breaker": {"recovery_timeout_seconds": 1e-9}}
+    )
+    got = only(spec, "b", K.CIRCUIT_OPEN, svc=svc)
+    assert (got.attempts, got.then, got.compensates) == (0, Then.COMPENSATE, ("a",))
+    assert got.error_kind is ErrorKind.CIRCUIT_OPEN
+
+
 def test_the_deadline_passing_during_a_step_compensates_it_as_unknown() -> None:
     spec = definition(step("a"), step("b"), step("c"), timeout_seconds=30)
     got = only(spec, "b", K.DEADLINE)
