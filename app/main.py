@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
+from opentelemetry import trace
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -272,6 +273,14 @@ def create_app(
             tracing.shutdown()
 
     app = FastAPI(
+        # FastAPI's own OpenTelemetry asks the environment for global providers on every
+        # request: on only when a tracer provider is set at start (auto-instrumentation
+        # sets it first). The service's spans and metrics are its own (`telemetry`).
+        telemetry={
+            "tracing": not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider),
+            "metrics": False,
+            "logs": False,
+        },
         title="Saga orchestrator",
         version="1.0.0",
         description=DESCRIPTION,

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import orjson
+from psycopg import AsyncRawCursor
 from psycopg.errors import UniqueViolation
 from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
@@ -21,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from app.core.states import SagaStatus
 from app.core.views import Handoff, NewSaga, SagaDocument, StartResult
+from app.store.engine_sql import native_form
 from app.store.sagas import SAGA_WORK_CHANNEL
 
 NULL = orjson.Fragment(b"null")
@@ -28,17 +30,18 @@ _BUSY_TRIES = 3
 _DUMP = orjson.OPT_UTC_Z
 
 
-_START = """
+_START = native_form(
+    """
 WITH fresh AS (
   -- A start on the latest version of a definition, as this process last knew it: no
   -- newer version registered since (else nothing is written and it looks again).
-  SELECT NOT (%(latest)s AND EXISTS (
+  SELECT NOT (:latest AND EXISTS (
            SELECT 1 FROM definitions
-            WHERE name = %(name)s AND version > %(version)s)) AS ok
+            WHERE name = :name AND version > :version)) AS ok
 ), key AS (
   INSERT INTO idempotency_keys (key, fingerprint, saga_id, expires_at)
-  SELECT %(key)s, %(fingerprint)s, %(id)s, now() + make_interval(secs => %(ttl)s)
-   WHERE %(key)s::text IS NOT NULL AND (SELECT ok FROM fresh)
+  SELECT :key, :fingerprint, :id, now() + make_interval(secs => :ttl)
+   WHERE :key::text IS NOT NULL AND (SELECT ok FROM fresh)
   ON CONFLICT (key) DO UPDATE
      SET fingerprint = EXCLUDED.fingerprint, saga_id = EXCLUDED.saga_id,
          created_at = now(), expires_at = EXCLUDED.expires_at
@@ -49,37 +52,37 @@ WITH fresh AS (
                      idempotency_key, deadline_at, request_id, traceparent, due_at,
                      lease_owner, lease_epoch, lease_expires_at, business_key, labels,
                      exclusive, notify)
-  SELECT %(id)s, %(definition_id)s, %(name)s, %(version)s, 'running', %(input)s, %(key)s,
-         now() + make_interval(secs => %(timeout)s), %(request_id)s, %(traceparent)s,
-         CASE WHEN %(owner)s::text IS NULL THEN now()
-              ELSE now() + make_interval(secs => %(lease)s) END,
-         %(owner)s, CASE WHEN %(owner)s::text IS NULL THEN 0 ELSE 1 END,
-         CASE WHEN %(owner)s::text IS NULL THEN NULL
-              ELSE now() + make_interval(secs => %(lease)s) END,
-         %(business_key)s, %(labels)s, %(exclusive)s, %(notify)s
-   WHERE (SELECT ok FROM fresh) AND (%(key)s::text IS NULL OR EXISTS (SELECT 1 FROM key))
+  SELECT :id, :definition_id, :name, :version, 'running', :input, :key,
+         now() + make_interval(secs => :timeout), :request_id, :traceparent,
+         CASE WHEN :owner::text IS NULL THEN now()
+              ELSE now() + make_interval(secs => :lease) END,
+         :owner, CASE WHEN :owner::text IS NULL THEN 0 ELSE 1 END,
+         CASE WHEN :owner::text IS NULL THEN NULL
+              ELSE now() + make_interval(secs => :lease) END,
+         :business_key, :labels, :exclusive, :notify
+   WHERE (SELECT ok FROM fresh) AND (:key::text IS NULL OR EXISTS (SELECT 1 FROM key))
   RETURNING id, created_at, updated_at, deadline_at, now() AS db_now
 ), first_current AS (
   -- The first attempt starts here too, for the executor this saga is handed to, when
   -- the guards of an attempt's start hold: the service as the executor saw it (version,
   -- breaker closed) and a free bulkhead slot (SKIP LOCKED, as START_CALL).
   SELECT 1 FROM services AS s JOIN circuit_breakers AS cb ON cb.service = s.name
-   WHERE s.name = %(f_service)s AND s.version = %(f_version)s AND cb.state = 'closed'
+   WHERE s.name = :f_service AND s.version = :f_version AND cb.state = 'closed'
      AND EXISTS (SELECT 1 FROM saga)
 ), first_slot AS (
   UPDATE service_slots AS sl
-     SET saga_id = %(id)s, epoch = 1,
-         held_until = clock_timestamp() + make_interval(secs => %(lease)s)
+     SET saga_id = :id, epoch = 1,
+         held_until = clock_timestamp() + make_interval(secs => :lease)
    WHERE (sl.service, sl.kind, sl.slot) = (
            SELECT service, kind, slot FROM service_slots
-            WHERE service = %(f_service)s AND kind = 'call'
+            WHERE service = :f_service AND kind = 'call'
               AND (held_until IS NULL OR held_until < clock_timestamp())
               AND EXISTS (SELECT 1 FROM first_current)
             LIMIT 1 FOR UPDATE SKIP LOCKED)
   RETURNING sl.slot
 ), first AS (
   SELECT saga.id FROM saga
-   WHERE %(first)s AND (%(f_service)s::text IS NULL OR EXISTS (SELECT 1 FROM first_slot))
+   WHERE :first AND (:f_service::text IS NULL OR EXISTS (SELECT 1 FROM first_slot))
 ), steps AS (
   INSERT INTO saga_steps (saga_id, idx, name, status, attempts, in_flight, started_at)
   SELECT saga.id, s.idx - 1, s.name,
@@ -88,7 +91,7 @@ WITH fresh AS (
          s.idx = 1 AND first.id IS NOT NULL,
          CASE WHEN s.idx = 1 AND first.id IS NOT NULL THEN now() END
     FROM saga LEFT JOIN first ON true,
-         unnest(%(steps)s::text[]) WITH ORDINALITY AS s(name, idx)
+         unnest(:steps::text[]) WITH ORDINALITY AS s(name, idx)
 ), event AS (
   INSERT INTO saga_events (saga_id, type, step, direction, attempt, outcome, worker)
   SELECT e.saga_id, e.type, e.step, e.direction, e.attempt, e.outcome, e.worker
@@ -97,17 +100,18 @@ WITH fresh AS (
                  NULL AS worker
             FROM saga
           UNION ALL
-          SELECT 2, id, 'attempt_started', %(f_step)s, 'action', 1, 'started', %(owner)s
+          SELECT 2, id, 'attempt_started', :f_step, 'action', 1, 'started', :owner
             FROM first) AS e
    ORDER BY e.n
 ), notified AS (
-  SELECT pg_notify(%(channel)s, '') FROM saga WHERE %(owner)s::text IS NULL
+  SELECT pg_notify(:channel, '') FROM saga WHERE :owner::text IS NULL
 )
 SELECT (SELECT ok FROM fresh) AS fresh, saga.*,
        EXISTS (SELECT 1 FROM first) AS first_started,
        (SELECT count(*) FROM notified) AS notified
   FROM (SELECT 1) AS one LEFT JOIN saga ON true
 """
+)
 
 _KEY = "SELECT fingerprint, saga_id FROM idempotency_keys WHERE key = %(key)s"
 
@@ -120,7 +124,8 @@ SELECT id FROM sagas
 """
 
 # Every saga has at least one step: one row per step, the saga's columns on each.
-_VIEW = """
+_VIEW = native_form(
+    """
 SELECT s.id, s.definition_name, s.definition_version, s.status, s.input::text AS input,
        s.idempotency_key, s.created_at, s.updated_at, s.finished_at, s.deadline_at,
        s.cancel_requested, s.error::text AS error, s.business_key, s.labels::text AS labels,
@@ -134,9 +139,10 @@ SELECT s.id, s.definition_name, s.definition_version, s.status, s.input::text AS
     ON st.status = 'waiting' AND ct.saga_id = st.saga_id AND ct.step_idx = st.idx
    AND ct.attempt = st.attempts
   LEFT JOIN notifications AS n ON n.saga_id = s.id
- WHERE s.id = %(id)s
+ WHERE s.id = :id
  ORDER BY st.idx
 """
+)
 
 
 def notification(notifies: bool, status: str | None, attempts: int | None) -> Any:
@@ -206,16 +212,20 @@ class SagaDocuments:
             "f_service": first.service if first else None,
             "f_version": first.version if first else None,
         }
-        async with self.pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
+        async with (
+            self.pool.connection() as conn,
+            AsyncRawCursor(conn, row_factory=namedtuple_row) as cur,
+            conn.cursor(row_factory=namedtuple_row) as other,
+        ):
             for _ in range(_BUSY_TRIES):
                 try:
-                    await cur.execute(_START, params)
+                    await cur.execute(_START.text, _START.args(params))
                 except UniqueViolation as exc:
                     if exc.diag.constraint_name != EXCLUSIVE_INDEX:
                         raise
                     # Another non-terminal saga holds the key; it may have ended since.
-                    await cur.execute(_HOLDER, params)
-                    holder: Any = await cur.fetchone()
+                    await other.execute(_HOLDER, params)
+                    holder: Any = await other.fetchone()
                     if holder is not None:
                         return StartResult.BUSY, holder.id
                     continue
@@ -226,8 +236,8 @@ class SagaDocuments:
             if not row.fresh:
                 return StartResult.STALE, saga_id
             if row.id is None:
-                await cur.execute(_KEY, {"key": new.idempotency_key})
-                existing: Any = await cur.fetchone()
+                await other.execute(_KEY, {"key": new.idempotency_key})
+                existing: Any = await other.fetchone()
                 assert existing is not None, "a key that is neither new nor stored"
                 result = (
                     StartResult.REPLAYED
@@ -282,8 +292,11 @@ class SagaDocuments:
 
     async def view(self, saga_id: uuid.UUID) -> SagaDocument | None:
         """The saga's view, read in one statement."""
-        async with self.pool.connection() as conn, conn.cursor(row_factory=namedtuple_row) as cur:
-            await cur.execute(_VIEW, {"id": saga_id})
+        async with (
+            self.pool.connection() as conn,
+            AsyncRawCursor(conn, row_factory=namedtuple_row) as cur,
+        ):
+            await cur.execute(_VIEW.text, _VIEW.args({"id": saga_id}))
             rows: list[Any] = await cur.fetchall()
         if not rows:
             return None

@@ -31,7 +31,9 @@ class Native:
         return tuple(params[name] for name in self.names)
 
 
-def native_form(statement: TextClause) -> Native:
+def native_form(statement: TextClause | str) -> Native:
+    """`statement` (SQLAlchemy's `:name` placeholders) in PostgreSQL's own."""
+    source = statement if isinstance(statement, str) else statement.text
     names: list[str] = []
 
     def number(match: re.Match[str]) -> str:
@@ -39,7 +41,7 @@ def native_form(statement: TextClause) -> Native:
             names.append(match.group(1))
         return f"${names.index(match.group(1)) + 1}"
 
-    return Native(_NAME.sub(number, statement.text), tuple(names))
+    return Native(_NAME.sub(number, source), tuple(names))
 
 
 # The holder of a saga extends its lease (`due_at`, when another executor may claim it,
