@@ -44,7 +44,7 @@ class ParticipantClient:
         self,
         policy: HostPolicy | None = None,
         resolver: Resolver = system_resolver,
-        max_connections: int = 200,
+        max_connections: int = 0,
     ) -> None:
         self._policy = policy or HostPolicy.parse("*")
         self._resolver = GuardedResolver(self._policy, resolver)
@@ -61,6 +61,11 @@ class ParticipantClient:
             # cached answer was checked when it was cached, so it would only ever lead to
             # an address allowed then; but it would outlive a change for its TTL).
             use_dns_cache=False,
+            # No cap by default (0): the calls in flight are bounded by the executor's
+            # concurrency and each service's bulkhead. A client-wide cap is a bulkhead
+            # across services: one slow service's calls held it, every other service's
+            # calls queued behind them until their timeouts, and those timeouts opened
+            # their breakers.
             limit=self._max_connections,
             limit_per_host=0,
             keepalive_timeout=KEEPALIVE_SECONDS,
