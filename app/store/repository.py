@@ -205,8 +205,14 @@ class PgSagaRepository(PgNotifications):
             async with self._pool_opening:
                 if self._pool is None:
                     url = self.engine.url.render_as_string(hide_password=False)
+                    # Group commit runs transactions here: a frozen process must not keep
+                    # a batch's row locks past its lease (the server ends the session).
                     self._pool = await open_pool(
-                        url, self._hot_size, name=f"engine-{self.worker}", wait_seconds=self.lease
+                        url,
+                        self._hot_size,
+                        idle_in_transaction_seconds=self.lease,
+                        name=f"engine-{self.worker}",
+                        wait_seconds=self.lease,
                     )
         return self._pool
 
