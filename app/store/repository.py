@@ -46,7 +46,6 @@ from app.engine.ports import (
     Started,
 )
 from app.store import engine_sql as sql
-from app.store.group_commit import GroupCommit
 from app.store.notifications import PgNotifications
 from app.store.pool import open_pool
 from app.store.registry import Registry, service_spec
@@ -194,10 +193,6 @@ class PgSagaRepository(PgNotifications):
         self._hot_size = 2 * size
         self._pool: AsyncConnectionPool | None = None
         self._pool_opening = asyncio.Lock()
-        # Attempt starts and the outcomes that change no breaker go through one writer,
-        # batched while it is busy (a breaker's compare-and-set could wait on another
-        # process's batch: alone).
-        self.group = GroupCommit(self._hot, self._alone)
 
     async def _hot(self) -> AsyncConnectionPool:
         """The psycopg pool of the hot statements, opened on first use."""
@@ -205,8 +200,7 @@ class PgSagaRepository(PgNotifications):
             async with self._pool_opening:
                 if self._pool is None:
                     url = self.engine.url.render_as_string(hide_password=False)
-                    # Group commit runs transactions here: a frozen process must not keep
-                    # a batch's row locks past its lease (the server ends the session).
+                    # A frozen process must not keep a transaction's locks past its lease.
                     self._pool = await open_pool(
                         url,
                         self._hot_size,
@@ -218,7 +212,6 @@ class PgSagaRepository(PgNotifications):
 
     async def close(self) -> None:
         """Close the hot pool (the engine is its owner's to dispose of)."""
-        await self.group.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -331,9 +324,8 @@ class PgSagaRepository(PgNotifications):
         if start.service is not None:
             statement = _START_CALL
             params.update(service=start.service, version=start.version)
-        # Through the group writer too: a start waits on no lock another batch may hold
-        # (the saga's row is this worker's, a slot is taken with SKIP LOCKED).
-        row = await self.group.run(statement.text, statement.args(params))
+        async with self._admissions:
+            row = await self._one(statement, params)
         assert row is not None  # the statement always answers one row
         if row.attempt is not None:
             return Started(int(row.attempt), row.db_now)
@@ -422,10 +414,7 @@ class PgSagaRepository(PgNotifications):
             **_breaker_params(commit.breaker),
             **_next_params(then),
         }
-        if commit.breaker is None:
-            row = await self.group.run(_COMMIT.text, _COMMIT.args(params))
-        else:
-            row = await self._one(_COMMIT, params)
+        row = await self._one(_COMMIT, params)
         if row is None:
             why = await self._one(_WHY_NOT_WRITTEN, self._fence(lease))
             if why is not None and why.ours and why.cancelled and write.unless_cancelled:
